@@ -1,0 +1,440 @@
+"""`make evaluate`: choose the models and the patients, predict, and write the report and figures.
+
+Layers, thinnest on top:
+
+- `evaluate(...)`: from directories (models or run, data root, split file) to a written report;
+- `evaluate_pipeline(...)`: a built pipeline and segmenter over in-memory slices;
+- `write_evaluation(...)`: predictions already made -> `report.json`, `report.md`, tables, PNGs.
+
+Tests drive the lower layers with stub models whose outputs are known by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import __version__
+from pipeline.errors import DataError
+from pipeline.evaluation import figures
+from pipeline.evaluation.predictions import PipelineLike, SegmentFn, SlicePredictions, predict_slices
+from pipeline.evaluation.report import build_report, render_markdown
+from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.models.model_io import META_FILE
+from pipeline.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = PROJECT_ROOT / "runs"
+MODELS_DIR = PROJECT_ROOT / "models"
+PAIR_META = META_FILE  # pipeline.json: written last by save_pair, so it marks a complete pair
+SPLITS_FILE = "splits.csv"
+SPLITS = ("test", "val", "train", "all")
+
+
+# --------------------------------------------------------------------------- choosing the models
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the evaluated models come from: the pair directory and, if any, its training run."""
+
+    pair_dir: Path
+    run_dir: Path | None = None
+
+
+def is_pair_dir(path: str | os.PathLike) -> bool:
+    """True if `path` holds a saved classifier/segmenter pair (its `pipeline.json`)."""
+    return (Path(path) / PAIR_META).is_file()
+
+
+def find_pair_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The pair inside a run directory: the run itself, else its newest sub-directory holding one."""
+    run_dir = Path(run_dir)
+    if is_pair_dir(run_dir):
+        return run_dir
+    if not run_dir.is_dir():
+        return None
+    candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_pair_dir(p)]
+    return max(candidates, key=lambda p: (p / PAIR_META).stat().st_mtime, default=None)
+
+
+def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
+    """The latest training run with a model pair: `runs/LATEST` (a file naming it), the `runs/latest`
+    symlink, else the newest `runs/*/` holding a pair. None when there is none."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return None
+    pointer = runs_dir / "LATEST"
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        target = Path(name) if Path(name).is_absolute() else runs_dir / name
+        if name and find_pair_dir(target):
+            return target
+        log.warning("%s names %r, which holds no model pair; looking for the newest run", pointer, name)
+    link = runs_dir / "latest"
+    if link.exists() and find_pair_dir(link):
+        return link.resolve()
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.is_symlink() and find_pair_dir(p)]
+    return max(runs, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve_models(
+    models: str | os.PathLike | None = None,
+    run: str | os.PathLike | None = None,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+    default_models: str | os.PathLike = MODELS_DIR,
+) -> ModelSource:
+    """Pick the models: `models` (a pair dir) > `run` (a run dir) > the latest run > `models/`.
+
+    Raises DataError naming what was looked at when nothing holds a model pair.
+    """
+    if models is not None and run is not None:
+        raise DataError("give either --models or --run, not both", [models, run])
+    if models is not None:
+        models = Path(models)
+        if not is_pair_dir(models):
+            raise DataError(
+                f"not a model pair directory (no {PAIR_META}); expected the output of make train", [models]
+            )
+        return ModelSource(models)
+    if run is not None:
+        pair = find_pair_dir(run)
+        if pair is None:
+            raise DataError(f"no model pair ({PAIR_META}) in this run directory; did the run finish?", [run])
+        return ModelSource(pair, Path(run))
+    latest = latest_run(runs_dir)
+    if latest is not None:
+        return ModelSource(find_pair_dir(latest), latest)
+    if is_pair_dir(default_models):
+        return ModelSource(Path(default_models))
+    raise DataError(
+        "no trained models found: run `make train` first, or pass --models DIR / --run DIR",
+        [runs_dir, default_models],
+    )
+
+
+def resolve_splits_path(
+    splits: str | os.PathLike | None, source: ModelSource, default_models: str | os.PathLike = MODELS_DIR
+) -> Path | None:
+    """The split file: `splits` if given, else the run's (or pair's) copy, else `models/splits.csv`."""
+    if splits is not None:
+        return Path(splits)
+    for folder in (source.run_dir, source.pair_dir):
+        if folder is not None and (Path(folder) / SPLITS_FILE).is_file():
+            return Path(folder) / SPLITS_FILE
+    fallback = Path(default_models) / SPLITS_FILE
+    return fallback if fallback.is_file() else None
+
+
+def require_split_file(split: str, splits_path: Path | None) -> None:
+    """Raise DataError (with what to do) when `split` needs a split file and there is none."""
+    if split != "all" and (splits_path is None or not Path(splits_path).is_file()):
+        raise DataError(
+            f"no split file for --split {split}: pass --splits FILE, run `make index`/`make train`, "
+            "or evaluate every patient with --split all",
+            [splits_path or MODELS_DIR / SPLITS_FILE],
+        )
+
+
+def select_positions(index_df: pd.DataFrame, split: str, splits_path: Path | None) -> np.ndarray:
+    """Row positions of `index_df` to evaluate: every row for `split="all"`, else the split's patients.
+
+    `split="all"` needs no split file (patients the models never saw just work). Raises
+    DataError when the split file is missing or the split has no patient in this data root.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split == "all":
+        return np.arange(len(index_df), dtype=np.int64)
+    from pipeline.data.splits import load_splits, positions_for_split
+
+    require_split_file(split, splits_path)
+    positions = positions_for_split(index_df, load_splits(splits_path), split)
+    if len(positions) == 0:
+        raise DataError(
+            f"the {split} split of this split file has no patient in the data root "
+            f"{index_df.attrs.get('root', '?')}",
+            [splits_path],
+        )
+    return positions
+
+
+# --------------------------------------------------------------------------- writing a report
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation wrote: the report dict and the paths of every output file."""
+
+    report: dict[str, Any]
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def write_evaluation(
+    rows: pd.DataFrame,
+    images: np.ndarray,
+    masks: np.ndarray,
+    preds: SlicePredictions,
+    out_dir: str | os.PathLike,
+    *,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+    provenance: Mapping[str, Any] | None = None,
+) -> EvaluationResult:
+    """Score `preds` against `masks` and write `report.json`, `report.md`, CSV tables and PNG figures.
+
+    rows (N index rows), images (N, H, W, 3) uint8, masks (N, H, W) 0/1 and preds are aligned.
+    Every file is written atomically into `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    prov = dict(provenance or {})
+    prov.setdefault("n_patients", int(rows["patient_id"].nunique()))
+    prov.setdefault("n_slices", int(len(rows)))
+    prov.setdefault("n_tumor_slices", int(sum(np.asarray(m).any() for m in masks)))
+    prov.setdefault("threshold", float(threshold))
+    report, slices, patients = build_report(
+        rows, masks, preds, threshold=threshold, n_boot=n_boot, seed=seed, provenance=prov
+    )
+    files: dict[str, Path] = {}
+    clf = report["classifier"]
+    files["roc_pr"] = figures.plot_roc_pr(
+        slices["has_tumor"],
+        slices["probability"],
+        threshold,
+        out_dir / "roc_pr_curves.png",
+        predicted=slices["flagged"],
+    )
+    files["confusion_matrix"] = figures.plot_confusion_matrix(
+        clf["tn"], clf["fp"], clf["fn"], clf["tp"], threshold, out_dir / "confusion_matrix.png"
+    )
+    files["patient_dice"] = figures.plot_patient_dice(
+        patients["e2e_dice"], patients["seg_dice"], out_dir / "patient_dice.png"
+    )
+    grid = figures.overlay_grid_rows(slices, patients, images, masks, preds.pipeline_masks)
+    files["overlays"] = figures.plot_overlay_grid(grid, out_dir / "overlays_best_worst.png")
+    report["figures"] = {name: path.name for name, path in files.items()}
+
+    files["slices_csv"] = out_dir / "slices.csv"
+    files["patients_csv"] = out_dir / "patients.csv"
+    for key, table in (("slices_csv", slices), ("patients_csv", patients)):
+        with atomic_write(files[key], "w", encoding="utf-8", newline="") as fh:
+            table.to_csv(fh, index=False)
+    report["tables"] = {"slices": "slices.csv", "patients": "patients.csv"}
+
+    files["report_json"] = out_dir / "report.json"
+    atomic_write_json(files["report_json"], report)
+    files["report_md"] = out_dir / "report.md"
+    with atomic_write(files["report_md"], "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(report, report["figures"]))
+    return EvaluationResult(report, out_dir, files)
+
+
+def evaluate_pipeline(
+    pipeline: PipelineLike,
+    segment: SegmentFn,
+    rows: pd.DataFrame,
+    images: np.ndarray,
+    masks: np.ndarray,
+    out_dir: str | os.PathLike,
+    *,
+    threshold: float,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Run `pipeline` (end-to-end) and `segment` (segmenter alone) over the slices, then `write_evaluation`.
+
+    `threshold` is the classifier threshold the pipeline gates with; the classifier metrics
+    use the same one.
+    """
+    preds = predict_slices(pipeline, images, segment, batch_size=batch_size, progress=progress)
+    return write_evaluation(
+        rows,
+        images,
+        masks,
+        preds,
+        out_dir,
+        threshold=threshold,
+        n_boot=n_boot,
+        seed=seed,
+        provenance=provenance,
+    )
+
+
+# --------------------------------------------------------------------------- from directories
+
+
+def model_files_provenance(pair_dir: Path, meta: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 of each model file of the pair: as recorded in `pipeline.json` (which `load_pair`
+    verified on load), else computed here."""
+    from pipeline.models.model_io import sha256_of
+
+    recorded = meta.get("sha256")
+    if isinstance(recorded, Mapping) and recorded:
+        return {str(k): str(v) for k, v in recorded.items()}
+    return {p.name: sha256_of(p) for p in sorted(Path(pair_dir).glob("*.keras"))}
+
+
+def _meta_value(meta: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of `keys` present (and not None) in `meta`."""
+    for key in keys:
+        if meta.get(key) is not None:
+            return meta[key]
+    return default
+
+
+def _split_patients_missing(index_df: pd.DataFrame, split: str, splits_path: Path | None) -> list[str]:
+    """Patients the split file puts in `split` that the data root does not hold (reported, not fatal)."""
+    if split == "all" or splits_path is None:
+        return []
+    from pipeline.data.splits import load_splits
+
+    splits = load_splits(splits_path)
+    listed = set(splits.loc[splits["split"] == split, "patient_id"])
+    return sorted(listed - set(index_df["patient_id"]))
+
+
+def _from_scratch(weights: Any) -> bool | None:
+    """Whether a backbone-weights label means random initialisation (None when unknown)."""
+    if weights is None:
+        return None
+    return str(weights).strip().lower() in ("none", "random", "scratch")
+
+
+def default_out_dir(source: ModelSource, split: str) -> Path:
+    """`<run or models dir>/evaluation/<split>/`."""
+    return (source.run_dir or source.pair_dir) / "evaluation" / split
+
+
+def evaluate(
+    *,
+    models: str | os.PathLike | None = None,
+    run: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    splits: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    runs_dir: str | os.PathLike = RUNS_DIR,
+    default_models: str | os.PathLike = MODELS_DIR,
+) -> EvaluationResult:
+    """Evaluate a trained pair on the patients of `split` under `data_dir` and write the report.
+
+    models/run: see `resolve_models`; data_dir: `pipeline.paths.resolve_data_dir` rules;
+    split: "test" | "val" | "train" (patients of the split file `splits`, default the run's
+    copy) or "all" (every patient under the root, no split file needed); threshold: the
+    classifier threshold (default: the one calibrated at training, in the pair's meta).
+    Returns the `EvaluationResult` with the paths written under `out_dir` (default
+    `<run or models dir>/evaluation/<split>/`).
+    """
+    from pipeline.data.array_cache import load_arrays
+    from pipeline.data.index import index_dataset
+    from pipeline.inference.tumor_pipeline import TumorPipeline
+    from pipeline.models.model_io import read_pair_meta
+    from pipeline.paths import resolve_cache_dir, resolve_data_dir
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    source = resolve_models(models, run, runs_dir, default_models)
+    splits_path = resolve_splits_path(splits, source, default_models) if split != "all" else None
+    root = resolve_data_dir(data_dir)
+    cache = resolve_cache_dir(cache_dir)
+
+    require_split_file(split, splits_path)  # before indexing: fail fast
+    index_df = index_dataset(root, cache_dir=cache)
+    positions = select_positions(index_df, split, splits_path)
+    missing = _split_patients_missing(index_df, split, splits_path)
+    if missing:
+        log.warning("%d patient(s) of the %s split are not under %s: %s", len(missing), split, root, missing)
+    arrays = load_arrays(index_df, cache)
+    rows = index_df.iloc[positions].reset_index(drop=True)
+    if len(positions) == len(index_df):
+        images, masks = arrays.images, arrays.masks  # every row: keep the memmaps, no copy
+    else:
+        images, masks = np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions])
+
+    # The product's own loader; the meta keys written by training are mapped onto its settings
+    # explicitly, so a renamed key cannot silently fall back to a default.
+    meta = read_pair_meta(source.pair_dir)
+    pipeline = TumorPipeline.from_dir(
+        source.pair_dir,
+        threshold=threshold,
+        seg_threshold=_meta_value(meta, "seg_threshold", "mask_threshold"),
+        min_component_px=_meta_value(meta, "min_component_px"),
+        tile_size=_meta_value(meta, "tile_size", "segmenter_tile_size"),
+        batch_size=batch_size,
+    )
+    chosen = pipeline.threshold
+    provenance = {
+        "models_dir": str(source.pair_dir),
+        "run_dir": str(source.run_dir) if source.run_dir else None,
+        "model_files_sha256": model_files_provenance(source.pair_dir, meta),
+        "data_root": str(root),
+        "split": split,
+        "split_file": str(splits_path) if splits_path else None,
+        "split_patients_missing_from_data": missing,
+        "n_patients": int(rows["patient_id"].nunique()),
+        "n_slices": int(len(rows)),
+        "n_tumor_slices": int(rows["has_tumor"].sum()),
+        "threshold": chosen,
+        "threshold_source": (
+            "--threshold"
+            if threshold is not None
+            else "pipeline.json (written by make train)"
+            if "threshold" in meta
+            else "default (no threshold in pipeline.json)"
+        ),
+        "seg_threshold": pipeline.seg_threshold,
+        "min_component_px": pipeline.min_component_px,
+        "tile_size": pipeline.tile_size,
+        "backbone_trained_from_scratch": _meta_value(
+            meta, "trained_from_scratch", default=_from_scratch(_meta_value(meta, "backbone_weights"))
+        ),
+        "backbone_weights": _meta_value(meta, "backbone_weights"),
+        "classifier_image_size": _meta_value(meta, "classifier_image_size"),
+        "models_created": _meta_value(meta, "created"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "pipeline_version": __version__,
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, split)
+    log.info(
+        "evaluating %s on %d slices of %d patients -> %s",
+        source.pair_dir,
+        len(rows),
+        provenance["n_patients"],
+        out,
+    )
+    return evaluate_pipeline(
+        pipeline,
+        pipeline.segment_only,
+        rows,
+        images,
+        masks,
+        out,
+        threshold=chosen,
+        batch_size=batch_size,
+        n_boot=n_boot,
+        seed=seed,
+        provenance=provenance,
+        progress=progress,
+    )
