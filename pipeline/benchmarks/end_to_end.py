@@ -1,0 +1,421 @@
+"""Throughput of the whole two-stage pipeline (`python -m pipeline bench pipeline`) against a baseline.
+
+Slices: 256x256 slices with about one third tumour slices, taken from the dataset when it is
+present (`--data-dir`, `$LGG_DATA_DIR`, `data/kaggle_3m`, else the shared development copy
+`../shared/data/kaggle_3m`), otherwise synthetic ones (a bright FLAIR ellipse in a darker disc).
+
+Models: the trained pair when there is one (`--models`, else `models/`, else the newest run;
+`--fresh-models` to skip it), with its calibrated threshold; otherwise freshly built models at
+the default sizes (classifier at 128, ResUNet 16 filters / depth 4) with `weights="none"`,
+whose untrained gate is set to the probability quantile that flags one third of the slices,
+so the segmenter sees a realistic share. The output says which.
+
+Each dtype policy runs in a fresh process (the Keras policy is process-wide). There, the
+models are built under the policy (a trained pair's weights are copied into models rebuilt
+under it, since saved layers keep the policy they were saved with), one untimed pass over the
+slices warms up (graph tracing), then one timed pass measures:
+
+* classifier: `TumorPipeline.classify` on every slice (batched);
+* segmenter: `TumorPipeline.segment_probabilities` on the flagged slices (per flagged slice);
+* end to end: `TumorPipeline.predict` in chunks of `--batch-size` (gate, segmentation,
+  post-processing and measurements, as `diagnose` runs it; file decoding not included).
+
+The baseline, in its own float32 process, is the course's way: ResNet50 at 256x256 and the
+ResUNet on *every* slice, one slice at a time through `model.predict`. Peak memory is each
+process's peak resident set size. Numbers depend on the machine and its load (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULT_MARKER = "E2E_RESULT "
+WORKER_TIMEOUT_S = 3600
+SLICE_SIZE = 256
+TUMOUR_SHARE = 1 / 3
+TARGET_SLICES_PER_S = 40.0
+DEFAULT_N_SLICES = 96
+DEFAULT_BASELINE_SLICES = 24
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kaggle_3m"
+
+
+def add_arguments(parser) -> None:
+    """Flags of the end-to-end benchmark (added to `bench` as an argument group)."""
+    parser.add_argument(
+        "--n-slices",
+        type=int,
+        default=DEFAULT_N_SLICES,
+        help=f"slices per timed pass, about one third with tumour (default {DEFAULT_N_SLICES})",
+    )
+    parser.add_argument(
+        "--baseline-slices",
+        type=int,
+        default=DEFAULT_BASELINE_SLICES,
+        help=f"slices timed for the one-at-a-time baseline; 0 skips it (default {DEFAULT_BASELINE_SLICES})",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="Kaggle-layout data root (default: see pipeline.paths)"
+    )
+    parser.add_argument(
+        "--models", default=None, metavar="DIR", help="trained pair to time (default: as diagnose)"
+    )
+    parser.add_argument(
+        "--fresh-models",
+        action="store_true",
+        help="time freshly built untrained models even when a trained pair exists",
+    )
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def _dataset_root(flag: str | None) -> Path | None:
+    from pipeline.paths import resolve_data_dir
+
+    for root in (resolve_data_dir(flag), SHARED_DATA):
+        if root.is_dir() and any(root.glob("*/*_mask.tif")):
+            return root
+        if flag:  # an explicit --data-dir that holds nothing is not silently replaced
+            break
+    return None
+
+
+def _dataset_slices(root: Path, n: int, seed: int = 0):
+    """n 256x256 slices from the dataset, round(n / 3) of them with tumour, picked at random."""
+    import numpy as np
+
+    from pipeline.data.tiff_io import read_image, read_mask
+
+    rng = np.random.default_rng(seed)
+    masks = sorted(root.glob("*/*_mask.tif"))
+    rng.shuffle(masks)
+    want_tumour = round(n * TUMOUR_SHARE)
+    tumour, clear = [], []
+    for mask_path in masks:
+        if len(tumour) >= want_tumour and len(clear) >= n - want_tumour:
+            break
+        image_path = mask_path.with_name(mask_path.name.replace("_mask.tif", ".tif"))
+        try:
+            has_tumour = bool(read_mask(mask_path).any())
+            bucket, limit = (tumour, want_tumour) if has_tumour else (clear, n - want_tumour)
+            if len(bucket) < limit:
+                image = read_image(image_path)
+                if image.shape[:2] == (SLICE_SIZE, SLICE_SIZE):
+                    bucket.append(image)
+        except Exception:  # noqa: BLE001 - a damaged file is simply not sampled
+            continue
+    images = tumour + clear
+    order = rng.permutation(len(images))
+    return [images[i] for i in order], len(tumour)
+
+
+def _synthetic_slices(n: int, seed: int = 0):
+    """n synthetic 256x256 slices, round(n / 3) with a bright FLAIR ellipse (see module docstring)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SLICE_SIZE, :SLICE_SIZE].astype(np.float32)
+    c = SLICE_SIZE / 2
+    brain = ((yy - c) ** 2 + (xx - c) ** 2) < (0.42 * SLICE_SIZE) ** 2
+    n_tumour = round(n * TUMOUR_SHARE)
+    images = []
+    for i in range(n):
+        image = np.zeros((SLICE_SIZE, SLICE_SIZE, 3), np.float32)
+        for ch, level in enumerate((70, 90, 80)):
+            image[..., ch] = brain * (level + rng.normal(0, 6, brain.shape))
+        if i < n_tumour:
+            cy, cx = rng.uniform(0.35 * SLICE_SIZE, 0.65 * SLICE_SIZE, 2)
+            ry, rx = rng.uniform(0.05 * SLICE_SIZE, 0.15 * SLICE_SIZE, 2)
+            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            image[blob, 1] += 110
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    order = rng.permutation(n)
+    return [images[i] for i in order], n_tumour
+
+
+def load_slices(data_dir: str | None, n: int) -> tuple[list, int, str]:
+    """(slices, number with tumour, where they came from)."""
+    root = _dataset_root(data_dir)
+    if root is not None:
+        images, n_tumour = _dataset_slices(root, n)
+        if len(images) >= min(n, 3):
+            return images, n_tumour, f"dataset {root}"
+    images, n_tumour = _synthetic_slices(n)
+    return images, n_tumour, "synthetic 256x256 slices (no dataset found)"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _find_pair(models: str | None, fresh: bool) -> Path | None:
+    if fresh:
+        return None
+    from pipeline.errors import DataError
+    from pipeline.inference.diagnose import resolve_models_dir
+
+    try:
+        return resolve_models_dir(models)
+    except DataError:
+        if models:
+            raise
+        return None
+
+
+def _models_under_policy(pair_dir: Path | None):
+    """(classifier, segmenter, meta, description) built under the current global policy."""
+    from pipeline.models.resnet_classifier import build_classifier
+    from pipeline.models.resunet import build_resunet
+    from pipeline.training.config import ClassifierConfig, SegmenterConfig
+
+    if pair_dir is None:
+        cls_cfg, seg_cfg = ClassifierConfig(), SegmenterConfig()
+        classifier = build_classifier(
+            cls_cfg.image_size, weights="none", dropout=cls_cfg.dropout, dense_units=cls_cfg.dense_units
+        )
+        segmenter = build_resunet(seg_cfg.base_filters, seg_cfg.depth)
+        return (
+            classifier,
+            segmenter,
+            {},
+            (
+                f"fresh untrained models (classifier {cls_cfg.image_size}px, "
+                f"ResUNet {seg_cfg.base_filters}/{seg_cfg.depth}, weights=none)"
+            ),
+        )
+    from pipeline.models.model_io import load_pair
+
+    pair = load_pair(pair_dir)
+    config = pair.meta.get("config") or {}
+    cls_cfg, seg_cfg = config.get("classifier", {}), config.get("segmenter", {})
+    description = f"trained pair {pair_dir} (saved under {pair.meta.get('policy', '?')})"
+    try:  # rebuild under the current policy and copy the weights in
+        classifier = build_classifier(
+            int(pair.meta.get("classifier_image_size") or 128),
+            weights="none",
+            dropout=float(cls_cfg.get("dropout", 0.3)),
+            dense_units=int(cls_cfg.get("dense_units", 256)),
+        )
+        classifier.set_weights(pair.classifier.get_weights())
+        segmenter = build_resunet(int(seg_cfg.get("base_filters", 16)), int(seg_cfg.get("depth", 4)))
+        segmenter.set_weights(pair.segmenter.get_weights())
+    except (ValueError, TypeError) as exc:  # architecture not rebuildable: time the saved models as they are
+        description += f"; kept its saved policy ({exc})"
+        classifier, segmenter = pair.classifier, pair.segmenter
+    return classifier, segmenter, pair.meta, description
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    """One policy in this process: build/load the models, warm up, time each stage and the whole."""
+    import numpy as np
+
+    from pipeline.inference.tumor_pipeline import TumorPipeline
+    from pipeline.models.precision import apply_policy
+
+    policy = apply_policy(spec["policy"])
+    images, n_tumour, source = load_slices(spec["data_dir"], spec["n_slices"])
+    pair_dir = Path(spec["pair_dir"]) if spec["pair_dir"] else None
+    classifier, segmenter, meta, models = _models_under_policy(pair_dir)
+    batch = spec["batch_size"]
+    pipe = TumorPipeline(
+        classifier,
+        segmenter,
+        threshold=float(meta.get("threshold", 0.5)),
+        min_component_px=int(meta.get("min_component_px", 0) or 0),
+        tile_size=SLICE_SIZE,
+        batch_size=batch,
+    )
+
+    probabilities = pipe.classify(images)  # warm-up of the classifier
+    if pair_dir is None:  # untrained gate: flag the top third, as a trained one would on this mix
+        pipe.threshold = float(np.quantile(probabilities, 1 - TUMOUR_SHARE))
+    flagged = [im for im, p in zip(images, probabilities, strict=True) if p >= pipe.threshold]
+
+    def end_to_end():
+        for start in range(0, len(images), batch):
+            pipe.predict(images[start : start + batch])
+
+    if flagged:
+        pipe.segment_probabilities(flagged)  # warm-up
+    end_to_end()  # warm-up of the exact call pattern
+    t_cls = _timed(lambda: pipe.classify(images))
+    t_seg = _timed(lambda: pipe.segment_probabilities(flagged)) if flagged else float("nan")
+    t_e2e = _timed(end_to_end)
+    return {
+        "kind": "pipeline",
+        "policy": policy,
+        "models": models,
+        "slices": source,
+        "n_slices": len(images),
+        "n_tumour": n_tumour,
+        "n_flagged": len(flagged),
+        "threshold": round(pipe.threshold, 4),
+        "batch_size": batch,
+        "classifier_slices_per_s": round(len(images) / t_cls, 2),
+        "segmenter_slices_per_s": round(len(flagged) / t_seg, 2) if flagged else None,
+        "end_to_end_slices_per_s": round(len(images) / t_e2e, 2),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """Course-style baseline in float32: ResNet50 at 256, then the ResUNet, on every slice, one at a time."""
+    import numpy as np
+
+    from pipeline.models.precision import apply_policy
+    from pipeline.models.resnet_classifier import build_classifier
+    from pipeline.models.resunet import build_resunet
+
+    apply_policy("float32")
+    images, n_tumour, source = load_slices(spec["data_dir"], spec["n_slices"])
+    images = images[: spec["baseline_slices"]]
+    classifier = build_classifier(SLICE_SIZE, weights="none")
+    segmenter = build_resunet()
+
+    def one_at_a_time():
+        for image in images:
+            x = image[None].astype(np.float32)
+            classifier.predict(x, verbose=0)
+            segmenter.predict(x, verbose=0)
+
+    classifier.predict(images[0][None].astype(np.float32), verbose=0)  # build the predict functions
+    segmenter.predict(images[0][None].astype(np.float32), verbose=0)
+    seconds = _timed(one_at_a_time)
+    return {
+        "kind": "baseline",
+        "policy": "float32",
+        "slices": source,
+        "n_slices": len(images),
+        "models": "ResNet50 classifier at 256 + ResUNet 16/4, both on every slice, model.predict per slice",
+        "classifier_slices_per_s": None,
+        "segmenter_slices_per_s": None,
+        "end_to_end_slices_per_s": round(len(images) / seconds, 2),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    cmd = [sys.executable, "-m", "pipeline.benchmarks.end_to_end", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+    raise RuntimeError(
+        f"benchmark worker {spec.get('kind')}/{spec.get('policy')} failed (exit {proc.returncode}):\n{tail}"
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The results as a table, with end-to-end speed-ups over the baseline."""
+    rows = report["results"]
+    baseline = next((r for r in rows if r["kind"] == "baseline"), None)
+    pipeline_rows = [r for r in rows if r["kind"] == "pipeline"]
+    lines = []
+    if pipeline_rows:
+        first = pipeline_rows[0]
+        lines += [
+            f"slices: {first['slices']}: {first['n_slices']} at {SLICE_SIZE}x{SLICE_SIZE}, "
+            f"{first['n_tumour']} with tumour; batch {first['batch_size']}",
+            f"models: {first['models']}",
+            "",
+        ]
+    lines.append(
+        f"{'run':<10} {'policy':<15} {'classifier/s':>12} {'segmenter/s':>12} {'end-to-end/s':>13} "
+        f"{'flagged':>8} {'peak RSS MB':>12} {'x baseline':>10}"
+    )
+
+    def fmt(value, width):
+        return f"{value:>{width}.1f}" if isinstance(value, int | float) else f"{'-':>{width}}"
+
+    for r in rows:
+        ratio = (r["end_to_end_slices_per_s"] / baseline["end_to_end_slices_per_s"]) if baseline else None
+        flagged = f"{r['n_flagged']}/{r['n_slices']}" if r["kind"] == "pipeline" else f"all/{r['n_slices']}"
+        lines.append(
+            f"{r['kind']:<10} {r['policy']:<15} {fmt(r['classifier_slices_per_s'], 12)} "
+            f"{fmt(r['segmenter_slices_per_s'], 12)} {fmt(r['end_to_end_slices_per_s'], 13)} "
+            f"{flagged:>8} {fmt(r['peak_rss_mb'], 12)} {fmt(ratio, 10)}"
+        )
+    env = report["environment"]
+    lines += [
+        "",
+        "segmenter/s counts flagged slices only; end-to-end = classify all, segment flagged, measure.",
+        f"baseline: {baseline['models']}" if baseline else "baseline: skipped",
+        f"target: end to end >= {TARGET_SLICES_PER_S:.0f} slices/s and >= 2x the baseline; load average "
+        f"{env['load_average_start']} at start, {env.get('load_average_end')} at end (CPU shared)",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by `args` (from `commands/bench.py`), print the table, exit code 0."""
+    from pipeline.benchmarks.models import distinct_policies, environment
+    from pipeline.io_utils import atomic_write_json
+
+    batch_size = int(getattr(args, "batch_size", 16))
+    n_slices = int(getattr(args, "n_slices", None) or DEFAULT_N_SLICES)
+    baseline_slices = int(getattr(args, "baseline_slices", DEFAULT_BASELINE_SLICES))
+    if batch_size < 1 or n_slices < 3 or baseline_slices < 0:
+        raise SystemExit("--batch-size must be >= 1, --n-slices >= 3, --baseline-slices >= 0")
+    pair_dir = _find_pair(getattr(args, "models", None), bool(getattr(args, "fresh_models", False)))
+    spec = {
+        "batch_size": batch_size,
+        "n_slices": n_slices,
+        "data_dir": getattr(args, "data_dir", None),
+        "pair_dir": str(pair_dir) if pair_dir else None,
+        "baseline_slices": min(baseline_slices, n_slices),
+    }
+    env = environment()
+    results = []
+    for requested, resolved in distinct_policies(tuple(getattr(args, "policies", ("float32", "auto")))):
+        print(f"  timing the pipeline under {resolved} (requested {requested}) ...", flush=True)
+        results.append(_run_worker({**spec, "kind": "pipeline", "policy": resolved}))
+    if spec["baseline_slices"]:
+        print(f"  timing the course baseline on {spec['baseline_slices']} slices ...", flush=True)
+        results.append(_run_worker({**spec, "kind": "baseline", "policy": "float32"}))
+    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    report = {"environment": env, "config": spec, "results": results}
+    print()
+    print(format_report(report))
+    out = getattr(args, "json", None)
+    if out:
+        atomic_write_json(out, report)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def _worker_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    row = measure_baseline(spec) if spec["kind"] == "baseline" else measure_pipeline(spec)
+    print(RESULT_MARKER + json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="worker process of `python -m pipeline bench pipeline`")
+    parser.add_argument("--worker", required=True, help="JSON spec of one measurement")
+    raise SystemExit(_worker_main(parser.parse_args().worker))

@@ -1,0 +1,89 @@
+"""`python -m pipeline bench {models,pipeline}`: throughput benchmarks (measurements, not tests).
+
+`models` times training and inference of each stage at 256x256, float32 against the `auto`
+dtype policy (`pipeline.benchmarks.models`); `pipeline` runs the end-to-end benchmark in
+`pipeline.benchmarks.end_to_end` (its `add_arguments(parser)`, if defined, adds its flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+from pathlib import Path
+
+END_TO_END = "pipeline.benchmarks.end_to_end"
+TARGETS = ("models", "pipeline")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _end_to_end_module():
+    """The end-to-end benchmark module, or None when it does not exist (yet)."""
+    try:
+        found = importlib.util.find_spec(END_TO_END) is not None
+    except ModuleNotFoundError:
+        found = False
+    return importlib.import_module(END_TO_END) if found else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the `bench` sub-command."""
+    parser.add_argument("target", nargs="?", choices=TARGETS, default="models",
+                        help="models: each stage alone (default); pipeline: the whole two-stage pipeline")
+    parser.add_argument("--policies", type=_csv, default=("float32", "auto"),
+                        help="comma-separated dtype policies to compare (float32, auto, mixed_bfloat16, "
+                             "mixed_float16); duplicates after resolving `auto` run once. "
+                             "Default: float32,auto")
+    parser.add_argument("--stages", type=_csv, default=("classifier", "segmenter"),
+                        help="comma-separated stages for `models` (default: classifier,segmenter)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="square input side in pixels (default 256)")
+    parser.add_argument("--classifier-mode", default="all",
+                        help="backbone trainability while timing classifier training: frozen, all or "
+                             "a number of top stages (default all = fine-tuning)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT",
+                        help="also write the results as JSON")
+    module = _end_to_end_module()
+    if module is not None and hasattr(module, "add_arguments"):
+        module.add_arguments(parser.add_argument_group("pipeline benchmark"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark, print its table, optionally write JSON. Returns the exit code."""
+    if args.target == "pipeline":
+        module = _end_to_end_module()
+        if module is None:
+            print(f"the end-to-end benchmark ({END_TO_END.replace('.', '/')}.py) is not available in this "
+                  "checkout; `python -m pipeline bench models` measures each stage alone")
+            return 2
+        return int(module.run(args) or 0)
+
+    from pipeline.benchmarks import models as bench_models
+    from pipeline.io_utils import atomic_write_json
+
+    for name in ("batch_size", "steps", "image_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    unknown = [s for s in args.stages if s not in bench_models.STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; valid: {', '.join(bench_models.STAGES)}")
+    config = bench_models.BenchConfig(
+        policies=tuple(args.policies), stages=tuple(args.stages), batch_size=args.batch_size,
+        steps=args.steps, warmup=max(0, args.warmup), image_size=args.image_size,
+        classifier_mode=args.classifier_mode)
+    print(f"benchmarking {', '.join(config.stages)} at {config.image_size}x{config.image_size}, "
+          f"batch {config.batch_size}, {config.warmup} warm-up + {config.steps} timed steps, "
+          f"policies {', '.join(config.policies)} (one fresh process each)", flush=True)
+    report = bench_models.run(config, progress=lambda msg: print(msg, flush=True))
+    print()
+    print(bench_models.format_report(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"\nwrote {args.json}")
+    return 0

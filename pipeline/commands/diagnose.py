@@ -1,0 +1,123 @@
+"""`diagnose`: run the two-stage pipeline over MRI slices and write reports, masks and overlays.
+
+Also the console script `lgg-diagnose` (`main`). Exit codes: 0 every input diagnosed,
+1 at least one input failed (its row in report.csv says why), 2 unusable arguments
+(no input found, OUT is a file or contains an input, no trained model pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the diagnose options on `parser`."""
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="slice files (TIFF, PNG, JPEG), folders (searched recursively) or glob patterns",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="output folder for report.csv/json, patients.csv, masks/ and overlays/",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="DIR",
+        default=None,
+        help="trained pair directory (default: models/ if it holds a pair, else the newest runs/*/)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="classifier probability at or above which a slice is segmented (default: the pair's)",
+    )
+    parser.add_argument(
+        "--min-component-px",
+        type=int,
+        default=None,
+        help="drop predicted tumour regions smaller than this many pixels (default: the pair's)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per batch (default: 16)")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write a Grad-CAM heatmap of the classifier for each flagged slice",
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore the progress journal in OUT and diagnose every input again",
+    )
+    parser.add_argument(
+        "--include-masks",
+        action="store_true",
+        help="also diagnose the dataset's *_mask.* files (skipped by default)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the diagnosis described by `args`; print a summary and return the exit code."""
+    from pipeline.errors import DataError
+    from pipeline.inference.diagnose import run_diagnosis
+
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.min_component_px is not None and args.min_component_px < 0:
+        print(f"error: --min-component-px must be >= 0, got {args.min_component_px}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_diagnosis(
+            args.inputs,
+            args.out,
+            models_dir=args.models,
+            threshold=args.threshold,
+            min_component_px=args.min_component_px,
+            batch_size=args.batch_size,
+            explain=args.explain,
+            resume=not args.no_resume,
+            progress=not args.quiet,
+            include_masks=args.include_masks,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    n = len(result.rows)
+    print(
+        f"{n} slice(s): {result.n_flagged} with tumour, {n - result.n_flagged - result.n_failed} without, "
+        f"{result.n_failed} failed" + (f" ({result.resumed} from an earlier run)" if result.resumed else "")
+    )
+    if result.skipped_masks:
+        print(
+            f"skipped {result.skipped_masks} ground-truth *_mask file(s) "
+            "(use --include-masks to diagnose them)"
+        )
+    print(f"models: {result.settings['models']} (threshold {result.settings['threshold']:.3f})")
+    print(f"report: {result.out / 'report.csv'}")
+    for row in result.rows:
+        if row["error"]:
+            print(f"failed: {row['path']}: {row['error']}", file=sys.stderr)
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `lgg-diagnose`: the `diagnose` sub-command on its own."""
+    parser = argparse.ArgumentParser(prog="lgg-diagnose", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

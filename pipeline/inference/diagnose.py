@@ -1,0 +1,533 @@
+"""Batch diagnosis: run the two-stage pipeline over many slices and write reports a person can read.
+
+Inputs are files, folders (recursive) and glob patterns (`image_loading.expand_inputs`).
+Everything is written inside the output folder OUT:
+
+    report.csv, report.json   one row per input (COLUMNS); report.json also holds the settings
+    patients.csv              per patient: slices, flagged slices, tumour volume in pixels,
+                              the slice with the largest tumour area
+    masks/<name>_mask.png     predicted mask (0/255) of every tumour-positive slice
+    overlays/<name>_overlay.png   the prediction's contour (red) on the FLAIR channel
+    gradcam/<name>_gradcam.png    with `explain`: Grad-CAM of the classifier on flagged slices
+    .progress.jsonl           the resume journal (below)
+
+`<name>` is the input's file stem; when several inputs share a stem, each of them gets
+`<stem>__<8 hex digits of a hash of its path>` so no output overwrites another.
+
+Robustness:
+* a bad input (unreadable, truncated, zero bytes, not an image, absurd size) gets a row with
+  its error and the batch goes on; `DiagnosisResult.exit_code` is 0 when every input was
+  diagnosed, 1 when any failed;
+* every file is written atomically (temp file + rename), so an interruption never leaves a
+  half-written report or image;
+* resumable: after each batch its rows are appended to `.progress.jsonl` and fsynced; a
+  re-run with the same models and settings skips the inputs recorded there (unless the file
+  changed: size and modification time are recorded) and the final reports include them.
+  Changed settings, or `resume=False`, start the journal afresh;
+* OUT must not be a file, and no input may lie inside OUT (refused with DataError); files
+  under OUT found through folders or globs are ignored (they are earlier outputs). Each
+  output path is checked to lie inside OUT and not to be an input before it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError
+from pipeline.inference.image_loading import expand_inputs, load_slice, patient_id_from_name
+from pipeline.inference.overlays import PREDICTION_COLOR, encode_png, heatmap_overlay, overlay
+from pipeline.io_utils import atomic_write, atomic_write_bytes, atomic_write_json
+from pipeline.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COLUMNS",
+    "DiagnosisResult",
+    "output_names",
+    "patient_summary",
+    "resolve_models_dir",
+    "run_diagnosis",
+]
+
+REPORT_CSV = "report.csv"
+REPORT_JSON = "report.json"
+PATIENTS_CSV = "patients.csv"
+JOURNAL = ".progress.jsonl"
+MASK_DIR, OVERLAY_DIR, GRADCAM_DIR = "masks", "overlays", "gradcam"
+PAIR_MARKER = "pipeline.json"  # written last by `model_io.save_pair`: marks a complete pair
+JOURNAL_VERSION = 1
+TUMOUR, NO_TUMOUR = "tumour", "no tumour"
+
+COLUMNS = (
+    "path",  # absolute path of the input
+    "patient_id",  # TCGA_XX_NNNN from the file or folder name, else empty
+    "height",
+    "width",
+    "probability",  # classifier tumour probability
+    "decision",  # "tumour" / "no tumour"; empty when the input failed
+    "area_px",  # predicted tumour pixels
+    "area_fraction",  # area_px / brain pixels (SliceResult.area_fraction_brain)
+    "area_fraction_slice",  # area_px / slice pixels
+    "bbox",  # [y0, x0, y1, x1], ends exclusive
+    "centroid",  # [y, x]
+    "components",  # connected tumour regions
+    "mask_path",
+    "overlay_path",
+    "gradcam_path",  # relative to OUT
+    "error",  # why the input could not be diagnosed
+)
+
+INTEGER_COLUMNS = ("height", "width", "area_px", "components")
+
+
+@dataclass
+class DiagnosisResult:
+    """What `run_diagnosis` did: the rows (COLUMNS, input order) and where they were written."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    resumed: int = 0  # inputs taken from the journal of an earlier run
+    skipped_masks: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for row in self.rows if row["error"])
+
+    @property
+    def n_flagged(self) -> int:
+        return sum(1 for row in self.rows if row["decision"] == TUMOUR)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input was diagnosed, 1 when any failed."""
+        return 1 if self.n_failed else 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _is_pair(path: Path) -> bool:
+    return (path / PAIR_MARKER).is_file()
+
+
+def resolve_models_dir(
+    flag: str | os.PathLike | None = None, project_root: str | os.PathLike = PROJECT_ROOT
+) -> Path:
+    """The model pair to use: `flag`, else `models/` if it holds a pair, else the newest run with one.
+
+    Runs are `runs/*/` under `project_root` (`runs/LATEST` naming one wins over modification
+    times). Raises DataError saying to run `make train` when there is no pair.
+    """
+    if flag:
+        path = Path(flag).expanduser()
+        if not _is_pair(path):
+            raise DataError(
+                f"not a model pair directory (no {PAIR_MARKER}); pass the output of `make train`", [path]
+            )
+        return path
+    root = Path(project_root)
+    if _is_pair(root / "models"):
+        return root / "models"
+    runs = root / "runs"
+    pointer = runs / "LATEST"
+    if pointer.is_file():
+        named = runs / pointer.read_text(encoding="utf-8").strip()
+        if pointer.read_text(encoding="utf-8").strip() and _is_pair(named):
+            return named
+    candidates = [p for p in runs.glob("*/") if p.is_dir() and not p.is_symlink() and _is_pair(p)]
+    if candidates:
+        return max(candidates, key=lambda p: (p / PAIR_MARKER).stat().st_mtime)
+    raise DataError(
+        "no trained model pair found: run `make train` first, or pass --models DIR", [root / "models", runs]
+    )
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """Input path -> output base name: its stem, or `stem__<hash>` when several inputs share the stem
+    (compared case-insensitively, for case-insensitive file systems)."""
+    counts = Counter(p.stem.lower() for p in paths)
+    names = {}
+    for p in paths:
+        if counts[p.stem.lower()] > 1:
+            digest = hashlib.sha1(str(p).encode("utf-8")).hexdigest()[:8]
+            names[p] = f"{p.stem}__{digest}"
+        else:
+            names[p] = p.stem
+    return names
+
+
+def _signature(path: Path) -> list[int] | None:
+    """(size, mtime_ns) of an input, to notice when a journalled input has changed since."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    path = path.resolve()
+    return path == folder or path.is_relative_to(folder)
+
+
+class _Writer:
+    """Writes output files atomically, only inside OUT and never over an input."""
+
+    def __init__(self, out: Path, inputs: Sequence[Path]):
+        self.out = out
+        self.root = out.resolve()
+        self.protected = {p.resolve() for p in inputs}
+
+    def png(self, relative: str, image: np.ndarray) -> str:
+        target = self.out / relative
+        resolved = target.resolve()
+        if not _within(resolved, self.root) or resolved in self.protected:
+            raise RuntimeError(f"refusing to write {resolved}: outside {self.root} or an input file")
+        atomic_write_bytes(target, encode_png(image))
+        return relative
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class _Journal:
+    """Append-only JSON-lines record of finished inputs: a config line, then one line per input."""
+
+    def __init__(self, path: Path, config: dict[str, Any]):
+        self.path = path
+        self.config = {"type": "config", "version": JOURNAL_VERSION, **config}
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Entries of a journal written with the same config ({} otherwise), keyed by input path."""
+        if not self.path.is_file():
+            return {}
+        entries: dict[str, dict[str, Any]] = {}
+        with open(self.path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+        for number, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by an interruption: that input is redone
+                log.warning("%s: ignoring damaged line %d", self.path, number + 1)
+                continue
+            if number == 0:
+                if record != self.config:
+                    log.warning("%s was written with other models or settings; starting afresh", self.path)
+                    return {}
+                continue
+            if record.get("type") == "row":
+                entries[record["key"]] = record
+        return entries
+
+    def reset(self) -> None:
+        with atomic_write(self.path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.config) + "\n")
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append `records` and fsync, so a finished batch survives a crash."""
+        if not records:
+            return
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(fh.tell() - 1)
+                if fh.read(1) != "\n":  # an earlier append was cut short
+                    fh.write("\n")
+            fh.write("".join(json.dumps(r, default=str) + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _empty_row(path: Path) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row["path"] = str(path)
+    row["patient_id"] = patient_id_from_name(path)
+    return row
+
+
+def _error_row(path: Path, exc: BaseException) -> dict[str, Any]:
+    row = _empty_row(path)
+    if isinstance(exc, DataError):
+        message = str(exc).split("\n")[0]  # the file is in the row already
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    row["error"] = message or type(exc).__name__
+    return row
+
+
+def _result_row(path: Path, image: np.ndarray, result: Any) -> dict[str, Any]:
+    row = _empty_row(path)
+    row.update(
+        height=int(image.shape[0]),
+        width=int(image.shape[1]),
+        probability=round(float(result.probability), 6),
+        decision=TUMOUR if result.is_tumor else NO_TUMOUR,
+        area_px=int(result.area_px),
+        area_fraction=round(float(result.area_fraction_brain), 6),
+        area_fraction_slice=round(float(result.area_fraction_slice), 6),
+        bbox=list(result.bbox) if result.bbox is not None else None,
+        centroid=[round(float(c), 2) for c in result.centroid] if result.centroid is not None else None,
+        components=int(result.n_components),
+    )
+    return row
+
+
+def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per patient (rows with a patient id): slices, failed, flagged, tumour volume (px), largest slice."""
+    columns = [
+        "patient_id",
+        "slices",
+        "slices_failed",
+        "slices_flagged",
+        "tumour_volume_px",
+        "largest_slice",
+        "largest_area_px",
+    ]
+    table = pd.DataFrame(list(rows), columns=list(COLUMNS))
+    table = table[table["patient_id"].notna()]
+    out = []
+    for patient, group in table.groupby("patient_id", sort=True):
+        ok = group[group["error"].isna()]
+        areas = ok["area_px"].fillna(0).astype(int)
+        largest = ok.loc[areas.idxmax()] if len(ok) and areas.max() > 0 else None
+        out.append(
+            {
+                "patient_id": patient,
+                "slices": len(group),
+                "slices_failed": int(group["error"].notna().sum()),
+                "slices_flagged": int((ok["decision"] == TUMOUR).sum()),
+                "tumour_volume_px": int(areas.sum()),
+                "largest_slice": largest["path"] if largest is not None else None,
+                "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
+            }
+        )
+    return pd.DataFrame(out, columns=columns)
+
+
+def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    csv_rows = []
+    for row in rows:
+        flat = dict(row)
+        for key in ("bbox", "centroid"):
+            flat[key] = json.dumps(row[key]) if row[key] is not None else None
+        csv_rows.append(flat)
+    with atomic_write(out / REPORT_CSV, "w", encoding="utf-8", newline="") as fh:
+        table = pd.DataFrame(csv_rows, columns=list(COLUMNS))
+        # nullable integers: failed rows leave these empty without turning 64 into "64.0"
+        table = table.astype({c: "Int64" for c in INTEGER_COLUMNS})
+        table.to_csv(fh, index=False)
+    with atomic_write(out / PATIENTS_CSV, "w", encoding="utf-8", newline="") as fh:
+        patient_summary(rows).to_csv(fh, index=False)
+    summary = {
+        "inputs": len(rows),
+        "failed": sum(1 for r in rows if r["error"]),
+        "flagged": sum(1 for r in rows if r["decision"] == TUMOUR),
+    }
+    atomic_write_json(
+        out / REPORT_JSON,
+        {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": settings,
+            "summary": summary,
+            "rows": rows,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _predict_batch(pipe: Any, images: list[np.ndarray]) -> list[Any]:
+    """`pipe.predict` on the batch; if it fails, slice by slice so one bad slice cannot sink the others.
+
+    Returns one SliceResult or exception per image.
+    """
+    try:
+        return list(pipe.predict(images))
+    except Exception:  # noqa: BLE001 - isolated below, slice by slice
+        log.warning("batch prediction failed; retrying slice by slice", exc_info=True)
+    results: list[Any] = []
+    for image in images:
+        try:
+            results.append(pipe.predict_one(image))
+        except Exception as exc:  # noqa: BLE001 - reported in the slice's row
+            results.append(exc)
+    return results
+
+
+def _check_locations(items: Sequence[str | os.PathLike], out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError("the output path exists and is not a folder", [out])
+    root = out.resolve()
+    inside = [
+        str(item)
+        for item in items
+        if Path(item).expanduser().exists() and _within(Path(item).expanduser(), root)
+    ]
+    if inside:
+        raise DataError(
+            f"input lies inside the output folder {root}; choose another --out so that no input "
+            "can be overwritten",
+            inside,
+        )
+
+
+def run_diagnosis(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    pipeline: Any = None,
+    models_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    min_component_px: int | None = None,
+    batch_size: int = 16,
+    explain: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    include_masks: bool = False,
+) -> DiagnosisResult:
+    """Diagnose every slice found in `inputs` and write the reports into `out` (module docstring).
+
+    inputs: files, folders and glob patterns.
+    out: the output folder (created).
+    pipeline: a ready `TumorPipeline` (tests, notebooks); else one is loaded from `models_dir`
+        (default: `resolve_models_dir()`).
+    threshold, min_component_px: override the pair's calibrated values when given.
+    batch_size: slices read and predicted together (also the journal's granularity).
+    explain: also write a Grad-CAM overlay per flagged slice.
+    resume: skip inputs recorded in OUT's journal by an earlier run with the same settings.
+    include_masks: also diagnose the dataset's `*_mask.*` files (skipped by default).
+
+    Returns a DiagnosisResult (its `exit_code` is 1 when any input failed). Raises DataError
+    for unusable arguments: no input found, OUT a file or holding an input, no model pair.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out).expanduser().absolute()
+    _check_locations(inputs, out)
+    paths = expand_inputs(inputs, include_masks=include_masks, exclude=[out])
+    skipped_masks = 0
+    if not include_masks:
+        skipped_masks = len(expand_inputs(inputs, include_masks=True, exclude=[out])) - len(paths)
+    if not paths:
+        raise DataError("no input images found (TIFF, PNG or JPEG)", [str(i) for i in inputs])
+
+    if pipeline is None:
+        from pipeline.inference.tumor_pipeline import TumorPipeline
+
+        source = resolve_models_dir(models_dir)
+        pipeline = TumorPipeline.from_dir(
+            source, threshold=threshold, min_component_px=min_component_px, batch_size=batch_size
+        )
+        models_label = str(source.resolve())
+    else:
+        if threshold is not None:
+            pipeline.threshold = float(threshold)
+        if min_component_px is not None:
+            pipeline.min_component_px = int(min_component_px)
+        models_label = str(models_dir) if models_dir else "(pipeline given by the caller)"
+    settings = {
+        "models": models_label,
+        "threshold": float(pipeline.threshold),
+        "seg_threshold": float(getattr(pipeline, "seg_threshold", 0.5)),
+        "min_component_px": int(getattr(pipeline, "min_component_px", 0)),
+        "tile_size": int(getattr(pipeline, "tile_size", 0)),
+        "explain": bool(explain),
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(out, paths)
+    names = output_names(paths)
+    journal = _Journal(out / JOURNAL, settings)
+    done = journal.load() if resume else {}
+    if not done:
+        journal.reset()
+    rows: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        entry = done.get(str(p))
+        if entry is not None and entry.get("signature") == _signature(p):
+            rows[str(p)] = entry["row"]
+    resumed = len(rows)
+    todo = [p for p in paths if str(p) not in rows]
+    if resumed:
+        log.info("resuming: %d of %d inputs already diagnosed in %s", resumed, len(paths), out)
+
+    explain_failed = False
+    with tqdm(
+        total=len(paths),
+        initial=resumed,
+        unit="slice",
+        desc="diagnose",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            batch_rows: dict[Path, dict[str, Any]] = {}
+            loaded: list[tuple[Path, np.ndarray]] = []
+            for path in batch:
+                try:
+                    loaded.append((path, load_slice(path)))
+                except Exception as exc:  # noqa: BLE001 - DataError, or anything else a file can cause
+                    batch_rows[path] = _error_row(path, exc)
+            results = _predict_batch(pipeline, [image for _, image in loaded]) if loaded else []
+            for (path, image), result in zip(loaded, results, strict=True):
+                if isinstance(result, BaseException):
+                    batch_rows[path] = _error_row(path, result)
+                    continue
+                row = _result_row(path, image, result)
+                if result.is_tumor:
+                    name = names[path]
+                    row["mask_path"] = writer.png(f"{MASK_DIR}/{name}_mask.png", result.mask * 255)
+                    row["overlay_path"] = writer.png(
+                        f"{OVERLAY_DIR}/{name}_overlay.png",
+                        overlay(image, {"prediction": (result.mask, PREDICTION_COLOR)}),
+                    )
+                    if explain and not explain_failed:
+                        try:
+                            from pipeline.inference.gradcam import grad_cam
+
+                            heatmap = grad_cam(pipeline.classifier, image)
+                            row["gradcam_path"] = writer.png(
+                                f"{GRADCAM_DIR}/{name}_gradcam.png", heatmap_overlay(image, heatmap)
+                            )
+                        except ValueError as exc:  # a classifier Grad-CAM cannot take apart
+                            log.warning("no Grad-CAM: %s", exc)
+                            explain_failed = True
+                batch_rows[path] = row
+            records = []
+            for path in batch:
+                rows[str(path)] = batch_rows[path]
+                records.append(
+                    {"type": "row", "key": str(path), "signature": _signature(path), "row": batch_rows[path]}
+                )
+            journal.append(records)
+            bar.update(len(batch))
+
+    ordered = [rows[str(p)] for p in paths]
+    _write_reports(out, ordered, settings)
+    return DiagnosisResult(
+        out=out, rows=ordered, resumed=resumed, skipped_masks=skipped_masks, settings=settings
+    )

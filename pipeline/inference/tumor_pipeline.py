@@ -1,0 +1,327 @@
+"""The product: a ResNet50 classifier gating a ResUNet segmenter, from raw slices to measured tumours.
+
+    slices (uint8 (H, W, 3), any sizes)
+      -> classifier on every slice, in batches               -> tumour probability
+      -> probability >= threshold ? ResUNet, in batches       -> probability map -> mask
+                                  : empty mask (the segmenter never sees the slice)
+      -> post-processing (components < min_component_px dropped) and measurements
+
+Preprocessing is the one of training because it lives inside the models (their first
+layers, `pipeline.preprocessing`): the pipeline feeds raw pixel values and nothing else.
+
+Slices of different sizes: the classifier resizes internally (its `Resizing` layer, as in
+training), so the pipeline does *not* resize for it; it batches slices of equal size together
+(the dataset's slices are all 256x256, so that is one group). Resizing outside the model
+(e.g. with cv2 INTER_AREA) would feed the classifier a differently interpolated view than
+the one it was trained on. The segmenter takes `tile_size` slices directly, in batches; any
+other size goes through the overlap-tile strategy (`pipeline.inference.tiling`), which pads
+smaller slices by mirroring and tiles larger ones, so sides that are not multiples of the
+ResUNet's 2^depth are handled too.
+
+Precision: the models run with the dtype policy they were built or saved with (Keras stores
+it per layer); both keep their normalisation and sigmoid outputs in float32. The pipeline
+does not change any policy; to run in mixed precision, build or load the models under it
+(`pipeline.models.precision`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.inference.tiling import predict_tiled
+from pipeline.preprocessing import FLAIR_CHANNEL
+
+__all__ = ["SliceResult", "TumorPipeline", "brain_mask", "measure", "postprocess_mask"]
+
+BRAIN_THRESHOLD = 10  # FLAIR grey level above which a pixel counts as brain (background is ~0)
+CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity: diagonal neighbours belong to one component
+MAX_BATCH_PIXELS = 16 * 512 * 512  # caps a classifier batch of large slices (~50 MB of float32 input)
+
+
+@dataclass
+class SliceResult:
+    """The pipeline's answer for one slice.
+
+    probability: classifier tumour probability in [0, 1].
+    is_tumor: the decision, `probability >= threshold` (the classifier's gate; a flagged slice
+        may still end up with an empty mask if the segmenter finds nothing).
+    mask: uint8 (H, W) 0/1, all zero when not flagged.
+    area_px: tumour pixels in `mask`.
+    area_fraction_slice: area_px / (H * W).
+    area_fraction_brain: area_px / brain pixels (`brain_mask`: FLAIR above background, cleaned
+        up, plus the tumour itself); 0.0 when the slice has no brain.
+    brain_px: pixels counted as brain.
+    bbox: (y0, x0, y1, x1) with exclusive ends, so `mask[y0:y1, x0:x1]` holds the tumour; None if empty.
+    centroid: (y, x) centre of mass of the mask in pixels; None if empty.
+    n_components: 8-connected tumour regions after post-processing.
+    """
+
+    probability: float
+    is_tumor: bool
+    mask: np.ndarray = field(repr=False)
+    area_px: int
+    area_fraction_slice: float
+    area_fraction_brain: float
+    brain_px: int
+    bbox: tuple[int, int, int, int] | None
+    centroid: tuple[float, float] | None
+    n_components: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields but the mask, as JSON-friendly Python types."""
+        return {
+            "probability": self.probability,
+            "is_tumor": self.is_tumor,
+            "area_px": self.area_px,
+            "area_fraction_slice": self.area_fraction_slice,
+            "area_fraction_brain": self.area_fraction_brain,
+            "brain_px": self.brain_px,
+            "bbox": list(self.bbox) if self.bbox is not None else None,
+            "centroid": list(self.centroid) if self.centroid is not None else None,
+            "n_components": self.n_components,
+        }
+
+
+def brain_mask(image: np.ndarray, threshold: int = BRAIN_THRESHOLD) -> np.ndarray:
+    """Non-background pixels of a slice -> bool (H, W).
+
+    FLAIR > `threshold`, then a 3x3 opening (drops isolated noise pixels) and hole filling
+    (dark structures inside the head, e.g. ventricles, are brain too).
+    """
+    flair = np.asarray(image)[..., FLAIR_CHANNEL]
+    brain = ndimage.binary_opening(flair > threshold, structure=CONNECTIVITY)
+    return ndimage.binary_fill_holes(brain)
+
+
+def postprocess_mask(
+    probabilities: np.ndarray, seg_threshold: float = 0.5, min_component_px: int = 0
+) -> np.ndarray:
+    """Probability map (H, W) -> uint8 0/1 mask: `> seg_threshold`, then 8-connected
+    components smaller than `min_component_px` pixels removed."""
+    mask = np.asarray(probabilities) > seg_threshold
+    if min_component_px > 1 and mask.any():
+        labels, n = ndimage.label(mask, structure=CONNECTIVITY)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_component_px
+        keep[0] = False
+        mask = keep[labels]
+    return mask.astype(np.uint8)
+
+
+def measure(image: np.ndarray, mask: np.ndarray, probability: float, is_tumor: bool) -> SliceResult:
+    """Measure a binary `mask` (H, W) predicted on `image` (H, W, 3) -> SliceResult."""
+    mask = (np.asarray(mask) > 0).astype(np.uint8)
+    area = int(mask.sum())
+    brain_px = int((brain_mask(image) | mask.astype(bool)).sum())
+    n_components = 0
+    bbox = centroid = None
+    if area:
+        _, n_components = ndimage.label(mask, structure=CONNECTIVITY)
+        ys, xs = np.nonzero(mask)
+        bbox = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+        cy, cx = ndimage.center_of_mass(mask)
+        centroid = (float(cy), float(cx))
+    return SliceResult(
+        probability=float(probability),
+        is_tumor=bool(is_tumor),
+        mask=mask,
+        area_px=area,
+        area_fraction_slice=area / mask.size,
+        area_fraction_brain=area / brain_px if brain_px else 0.0,
+        brain_px=brain_px,
+        bbox=bbox,
+        centroid=centroid,
+        n_components=int(n_components),
+    )
+
+
+def _meta_get(meta: Any, key: str, default: Any = None) -> Any:
+    """Read `key` from a model pair's meta, whether it is a mapping or an object."""
+    if isinstance(meta, dict):
+        return meta.get(key, default)
+    return getattr(meta, key, default)
+
+
+def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    checked = []
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
+            raise ValueError(f"image {i} must be (H, W, 3), got shape {image.shape}")
+        checked.append(image)
+    return checked
+
+
+def _groups_by_shape(
+    images: Sequence[np.ndarray], indices: Sequence[int]
+) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in indices:
+        groups[images[i].shape[:2]].append(i)
+    return groups
+
+
+class TumorPipeline:
+    """Two-stage inference: classifier gate, then ResUNet on the flagged slices only.
+
+    classifier: Keras model, raw (B, H, W, 3) 0..255 -> (B, 1) tumour probability.
+    segmenter: Keras model, raw (B, t, t, 3) 0..255 -> (B, t, t, 1) mask probability.
+    threshold: classifier probability at or above which a slice is flagged and segmented.
+    seg_threshold: mask probability above which a pixel is tumour.
+    min_component_px: drop predicted tumour regions smaller than this (0 keeps all).
+    tile_size: the segmenter's native input side (the training slice size, 256); other sizes
+        are tiled (`predict_tiled`).
+    batch_size: slices (or tiles) per model call.
+    tile_overlap: overlap of neighbouring tiles for slices that are tiled.
+    """
+
+    def __init__(
+        self,
+        classifier: Any,
+        segmenter: Any,
+        threshold: float = 0.5,
+        seg_threshold: float = 0.5,
+        min_component_px: int = 0,
+        tile_size: int = 256,
+        batch_size: int = 16,
+        tile_overlap: float = 0.25,
+    ) -> None:
+        for name, value in (("threshold", threshold), ("seg_threshold", seg_threshold)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if min_component_px < 0:
+            raise ValueError(f"min_component_px must be >= 0, got {min_component_px}")
+        if batch_size < 1 or tile_size < 1:
+            raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
+        self.classifier = classifier
+        self.segmenter = segmenter
+        self.threshold = float(threshold)
+        self.seg_threshold = float(seg_threshold)
+        self.min_component_px = int(min_component_px)
+        self.tile_size = int(tile_size)
+        self.batch_size = int(batch_size)
+        self.tile_overlap = float(tile_overlap)
+        self.meta: Any = None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, **overrides: Any) -> TumorPipeline:
+        """Load a saved model pair (`pipeline.models.model_io.load_pair`) with its operating point.
+
+        Reads `threshold`, `seg_threshold`, `min_component_px` and `tile_size` (or
+        `segmenter_tile_size`) from the pair's `pipeline.json`; the models keep the dtype
+        policy they were saved with.
+
+        `overrides` (e.g. `threshold=0.4`, `batch_size=32`) win over the saved values; None is ignored.
+        """
+        from pipeline.models.model_io import load_pair
+
+        pair = load_pair(path)
+        settings: dict[str, Any] = {}
+        for key in ("threshold", "seg_threshold", "min_component_px"):
+            value = _meta_get(pair.meta, key)
+            if value is not None:
+                settings[key] = value
+        tile_size = _meta_get(pair.meta, "tile_size") or _meta_get(pair.meta, "segmenter_tile_size")
+        if tile_size:
+            settings["tile_size"] = int(tile_size)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        pipeline = cls(pair.classifier, pair.segmenter, **settings)
+        pipeline.meta = pair.meta
+        return pipeline
+
+    # ------------------------------------------------------------------ stages
+
+    def classify(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Tumour probability of every slice -> float64 (N,), batch-wise, slices of equal size together."""
+        images = _check_images(images)
+        probabilities = np.zeros(len(images), np.float64)
+        for (height, width), indices in _groups_by_shape(images, range(len(images))).items():
+            step = max(1, min(self.batch_size, MAX_BATCH_PIXELS // (height * width)))
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                batch = np.stack([images[i] for i in chunk]).astype(np.float32)
+                out = np.asarray(self.classifier.predict_on_batch(batch), np.float64).reshape(len(chunk), -1)
+                probabilities[chunk] = out[:, 0]
+        return probabilities
+
+    def _segmenter_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(self.segmenter.predict_on_batch(batch.astype(np.float32)), np.float32)
+
+        return predict
+
+    def segment_probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Segmenter probability map (H, W) float32 of every slice (no gating).
+
+        Slices of `tile_size` go straight through in batches; others through `predict_tiled`.
+        """
+        images = _check_images(images)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        predict = self._segmenter_fn()
+        tile = self.tile_size
+        for shape, indices in _groups_by_shape(images, range(len(images))).items():
+            if shape == (tile, tile):
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    out = predict(np.stack([images[i] for i in chunk]))
+                    for i, prob in zip(chunk, out, strict=True):
+                        maps[i] = prob[..., 0] if prob.ndim == 3 else prob
+            else:
+                for i in indices:
+                    maps[i] = predict_tiled(
+                        images[i],
+                        predict,
+                        tile_size=tile,
+                        overlap=self.tile_overlap,
+                        batch_size=self.batch_size,
+                    )[..., 0]
+        return [m for m in maps if m is not None]  # every index belongs to exactly one group
+
+    def segment_only(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Masks uint8 (H, W) 0/1 from the segmenter on *every* slice, with the pipeline's post-processing.
+
+        The segmenter-alone baseline of the evaluation: the same as `predict` minus the gate.
+        """
+        return [
+            postprocess_mask(p, self.seg_threshold, self.min_component_px)
+            for p in self.segment_probabilities(images)
+        ]
+
+    # ------------------------------------------------------------------ end to end
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[SliceResult]:
+        """Run the two stages on a batch of slices (uint8 (H, W, 3), any sizes) -> one SliceResult each.
+
+        Only slices with probability >= threshold reach the segmenter; the others get an empty mask.
+        """
+        images = _check_images(images)
+        if not images:
+            return []
+        probabilities = self.classify(images)
+        flagged = [i for i, p in enumerate(probabilities) if p >= self.threshold]
+        masks = {i: np.zeros(images[i].shape[:2], np.uint8) for i in range(len(images))}
+        if flagged:
+            for i, mask in zip(flagged, self.segment_only([images[i] for i in flagged]), strict=True):
+                masks[i] = mask
+        return [
+            measure(image, masks[i], probabilities[i], probabilities[i] >= self.threshold)
+            for i, image in enumerate(images)
+        ]
+
+    def predict_one(self, image: np.ndarray) -> SliceResult:
+        """`predict` for a single slice uint8 (H, W, 3)."""
+        return self.predict([image])[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"TumorPipeline(threshold={self.threshold}, seg_threshold={self.seg_threshold}, "
+            f"min_component_px={self.min_component_px}, tile_size={self.tile_size}, "
+            f"batch_size={self.batch_size})"
+        )

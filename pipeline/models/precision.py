@@ -1,0 +1,88 @@
+"""The one place that chooses the Keras dtype policy (float32 or mixed precision).
+
+`auto` picks the fastest policy the hardware runs natively:
+
+* a visible GPU                                   -> ``mixed_float16`` (tensor cores)
+* a CPU advertising ``avx512_bf16`` or ``amx_bf16`` -> ``mixed_bfloat16`` (native bf16 matmuls)
+* anything else                                   -> ``float32`` (bf16 would only be emulated)
+
+Under a mixed policy layers compute in 16 bits and keep float32 variables. The models keep
+their first layer (normalisation) and their sigmoid output layers in float32, and the
+losses are computed in float32, so probabilities and loss values are never rounded to 16 bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+VALID_NAMES = (AUTO, *POLICIES)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def gpu_available() -> bool:
+    """True when TensorFlow sees at least one GPU."""
+    import tensorflow as tf  # imported here: Keras already loaded it, this only names it
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The CPU feature flags listed in `/proc/cpuinfo` (empty set when the file is unreadable)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return flags
+
+
+def cpu_supports_bfloat16(cpuinfo: Path = CPUINFO) -> bool:
+    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))
+
+
+def resolve_policy(name: str = AUTO) -> str:
+    """Policy name (`auto`, `float32`, `mixed_float16`, `mixed_bfloat16`) -> concrete Keras policy name.
+
+    Explicit names pass through unchanged; `auto` inspects the hardware (see module docstring).
+    Raises ValueError naming the valid choices for anything else.
+    """
+    key = str(name).strip().lower()
+    if key not in VALID_NAMES:
+        raise ValueError(f"unknown dtype policy {name!r}; valid: {', '.join(VALID_NAMES)}")
+    if key != AUTO:
+        return key
+    if gpu_available():
+        return "mixed_float16"
+    if cpu_supports_bfloat16():
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def apply_policy(name: str = AUTO) -> str:
+    """Resolve `name`, set it as Keras's global dtype policy and return the concrete name.
+
+    Models built afterwards use it; models already built keep the policy they were built with
+    (it is stored per layer, also in `.keras` files).
+    """
+    policy = resolve_policy(name)
+    keras.mixed_precision.set_global_policy(policy)
+    log.info("dtype policy: %s (requested %s)", policy, name)
+    return policy
+
+
+def current_policy() -> str:
+    """Name of Keras's global dtype policy right now."""
+    return keras.mixed_precision.global_policy().name

@@ -1,0 +1,278 @@
+"""`make train` end to end: run directory, both stages, calibration and the saved model pair.
+
+Layout of a run directory (``runs/<YYYYmmdd-HHMMSS>/`` or ``--run-dir``)::
+
+    config.yaml        resolved config (loading it gives the same Config)
+    splits.csv         copy of the patient split used
+    train.log          the log of every invocation on this run
+    classifier/        best.keras, head.keras, history.csv, curves.png, tensorboard/, markers
+    segmenter/         best.keras, history.csv, curves.png, tensorboard/, markers
+    classifier.keras, segmenter.keras, pipeline.json   the final pair (`pipeline.models.model_io.save_pair`)
+    summary.json       minutes per phase, validation numbers, where the pair is
+
+``runs/LATEST`` (a text file with the run folder's name) and the ``runs/latest`` symlink point
+at the newest run. Re-running on an existing run directory resumes it: finished phases are
+skipped (marker files), an interrupted phase continues from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.models.model_io import META_FILE, save_pair
+from pipeline.models.precision import apply_policy
+from pipeline.paths import resolve_cache_dir, resolve_data_dir
+from pipeline.training.calibration import calibrate
+from pipeline.training.classifier_training import StageResult, train_classifier
+from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
+from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
+from pipeline.training.distribute import get_strategy, is_chief
+from pipeline.training.phase import read_marker
+from pipeline.training.segmenter_training import train_segmenter
+
+log = logging.getLogger(__name__)
+
+STAGES = ("classifier", "segmenter", "all")
+LATEST_FILE = "LATEST"
+LATEST_LINK = "latest"
+
+
+def runs_root(config: Config) -> Path:
+    """The folder holding all runs (`output.runs_dir`, relative to the project root)."""
+    return project_path(config.output.runs_dir)
+
+
+def new_run_dir(config: Config) -> Path:
+    """A fresh ``runs/<YYYYmmdd-HHMMSS>`` path (suffixed when two runs start in the same second)."""
+    root = runs_root(config)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def latest_run(runs_dir: str | os.PathLike) -> Path | None:
+    """The run that `<runs_dir>/LATEST` names (a folder name or an absolute path), or None."""
+    marker = Path(runs_dir) / LATEST_FILE
+    if not marker.is_file():
+        return None
+    name = marker.read_text(encoding="utf-8").strip()
+    path = Path(runs_dir) / name  # an absolute name replaces runs_dir
+    return path if name and path.is_dir() else None
+
+
+def mark_latest(run_dir: Path, runs_dir: Path) -> None:
+    """Point ``<runs_dir>/LATEST`` (and, where symlinks work, ``<runs_dir>/latest``) at `run_dir`.
+
+    A run inside `runs_dir` is named by its folder name, one elsewhere (``--run-dir``) by its
+    absolute path.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir.name if run_dir.parent == runs_dir.absolute() else str(run_dir)
+    with atomic_write(runs_dir / LATEST_FILE, "w", encoding="utf-8") as fh:
+        fh.write(target + "\n")
+    link, tmp = runs_dir / LATEST_LINK, runs_dir / f".{LATEST_LINK}.tmp{os.getpid()}"
+    with contextlib.suppress(OSError):  # no symlinks on some file systems: LATEST is enough
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+
+
+def resolve_paths(config: Config) -> Config:
+    """Fill `data.data_dir` and `data.cache_dir` with absolute paths, so the saved config says what ran."""
+    config = replace_in(config, "data.data_dir", str(resolve_data_dir(config.data.data_dir).absolute()))
+    return replace_in(config, "data.cache_dir", str(resolve_cache_dir(config.data.cache_dir).absolute()))
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _weights_label(config: Config) -> str:
+    spec = str(config.classifier.weights)
+    return "none (trained from scratch)" if spec.strip().lower() == "none" else spec
+
+
+def _stage_done(stage_dir: Path, phases: tuple[str, ...]) -> bool:
+    return all(read_marker(stage_dir, p) is not None for p in phases)
+
+
+def train_run(config: Config, run_dir: str | os.PathLike, stage: str = "all") -> dict[str, Any]:
+    """Train `stage` ("classifier", "segmenter" or "all") in `run_dir`, resuming whatever is there.
+
+    When both stages are trained (now or by an earlier invocation) the classifier threshold
+    is calibrated on the validation patients and the pair is saved at the root of `run_dir`.
+    Returns the run summary (also written to ``summary.json``).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with _log_to(run_dir / "train.log"):
+        config = resolve_paths(config)
+        dump_config(config, run_dir / "config.yaml")
+        if is_chief():
+            mark_latest(run_dir, runs_root(config).absolute())
+        log.info("run directory: %s", run_dir)
+        policy = apply_policy(config.training.policy)
+        keras.utils.set_random_seed(config.training.seed)
+        strategy = get_strategy(config.training.strategy)
+        log.info("dtype policy %s; classifier backbone weights: %s", policy, _weights_label(config))
+        data = prepare_data(config.data)
+        copy_splits(data, run_dir)
+
+        results: dict[str, StageResult] = {}
+        cls_dir, seg_dir = run_dir / "classifier", run_dir / "segmenter"
+        if stage in ("classifier", "all") or _stage_done(cls_dir, ("head", "finetune")):
+            results["classifier"] = train_classifier(config, data, cls_dir, strategy)
+        if stage in ("segmenter", "all") or _stage_done(seg_dir, ("train",)):
+            results["segmenter"] = train_segmenter(config, data, seg_dir, strategy)
+
+        calibration = None
+        if "classifier" in results and "segmenter" in results:
+            calibration = _calibrate_and_save(config, data, results, run_dir, policy)
+        else:
+            missing = sorted({"classifier", "segmenter"} - set(results))
+            log.warning(
+                "pair not saved: %s not trained yet in this run (--stage all or --stage %s)",
+                ", ".join(missing),
+                missing[0],
+            )
+        summary = _summary(config, data, results, calibration, run_dir, time.monotonic() - started, policy)
+        atomic_write_json(run_dir / "summary.json", summary)
+        _log_summary(summary)
+    return summary
+
+
+def _calibrate_and_save(
+    config: Config, data: TrainingData, results: dict[str, StageResult], run_dir: Path, policy: str
+) -> dict[str, Any]:
+    cal = config.calibration
+    pos = data.val_pos
+    result = calibrate(
+        results["classifier"].model,
+        results["segmenter"].model,
+        np.asarray(data.arrays.images[pos]),
+        np.asarray(data.arrays.masks[pos]),
+        data.patient_ids[pos],
+        cal.thresholds,
+        cal.min_component_px,
+        cal.mask_threshold,
+        batch_size=config.segmenter.batch_size,
+    )
+    result.grid.to_csv(run_dir / "calibration_grid.csv", index=False)
+    meta = {
+        "threshold": result.threshold,
+        "min_component_px": result.min_component_px,
+        "seg_threshold": cal.mask_threshold,
+        "classifier_image_size": config.classifier.image_size,
+        "tile_size": int(data.arrays.image_size[0]),  # what TumorPipeline.from_dir reads
+        "segmenter_tile_size": int(data.arrays.image_size[0]),
+        "policy": policy,
+        "backbone_weights": _weights_label(config),
+        "trained_from_scratch": str(config.classifier.weights).strip().lower() == "none",
+        "seed": config.training.seed,
+        "validation": {
+            **result.to_json(),
+            "classifier_best_val_auc": results["classifier"].best,
+            "segmenter_best_val_dice": results["segmenter"].best,
+        },
+        "durations_minutes": _durations(results),
+        "data": data.summary(),
+        "splits_file": "splits.csv",
+        "run_dir": str(run_dir),
+        "config": config_to_dict(config),
+    }
+    if is_chief():
+        save_pair(run_dir, results["classifier"].model, results["segmenter"].model, meta)
+        log.info("pair saved: %s (classifier.keras, segmenter.keras, %s)", run_dir, META_FILE)
+    return result.to_json()
+
+
+def _durations(results: dict[str, StageResult]) -> dict[str, float]:
+    out = {f"{name}_{p.name}": round(p.minutes, 2) for name, r in results.items() for p in r.phases}
+    out["total_training"] = round(sum(out.values()), 2)
+    return out
+
+
+def _summary(
+    config: Config,
+    data: TrainingData,
+    results: dict[str, StageResult],
+    calibration,
+    run_dir: Path,
+    seconds: float,
+    policy: str,
+) -> dict[str, Any]:
+    return {
+        "run_dir": str(run_dir),
+        "pair_saved": (run_dir / META_FILE).is_file() and calibration is not None,
+        "policy": policy,
+        "backbone_weights": _weights_label(config),
+        "stages": {
+            name: {
+                "best_" + r.monitor: r.best,
+                "minutes": round(r.minutes, 2),
+                "phases": [p.to_json() for p in r.phases],
+                **r.info,
+            }
+            for name, r in results.items()
+        },
+        "calibration": calibration,
+        "durations_minutes": {**_durations(results), "this_invocation": round(seconds / 60, 2)},
+        "data": {k: v for k, v in data.summary().items() if k not in ("train", "val")}
+        | {
+            side: {k: v for k, v in data.summary()[side].items() if k != "patient_ids"}
+            for side in ("train", "val")
+        },
+    }
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    lines = [f"training summary -- run {summary['run_dir']}"]
+    for name, stage in summary["stages"].items():
+        best = next(
+            (f"{k}={v:.4f}" for k, v in stage.items() if k.startswith("best_") and v is not None), "n/a"
+        )
+        phases = ", ".join(
+            f"{p['name']} {p['epochs_run']} ep {p['minutes']:.1f} min ({p['stopped_by']})"
+            for p in stage["phases"]
+        )
+        lines.append(f"  {name}: {best}; {phases}")
+    cal = summary["calibration"]
+    if cal:
+        lines.append(
+            f"  validation ({cal['val_patients']} patients): threshold {cal['threshold']:.2f}, "
+            f"min_component_px {cal['min_component_px']}, end-to-end mean per-patient Dice "
+            f"{cal['val_mean_patient_dice']:.4f}, classifier AUC {cal['val_classifier'].get('roc_auc')}"
+        )
+    lines.append(
+        f"  pair: {summary['run_dir'] if summary['pair_saved'] else 'not saved (a stage is missing)'}"
+    )
+    lines.append(f"  minutes: {summary['durations_minutes']}")
+    lines.append(f"  backbone weights: {summary['backbone_weights']}; dtype policy: {summary['policy']}")
+    log.info("\n".join(lines))

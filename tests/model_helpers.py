@@ -1,0 +1,37 @@
+"""Tiny untrained models for tests: a saved classifier/segmenter pair that builds in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY_CLASSIFIER = {"image_size": 32, "weights": "none", "dense_units": 8}
+TINY_SEGMENTER = {"base_filters": 4, "depth": 2}
+
+
+def make_tiny_classifier():
+    """An untrained ResNet50 classifier (random weights, 32x32 internal size)."""
+    from pipeline.models.resnet_classifier import build_classifier
+
+    return build_classifier(**TINY_CLASSIFIER)
+
+
+def make_tiny_segmenter():
+    """An untrained ResUNet with 4 base filters and depth 2 (inputs divisible by 4)."""
+    from pipeline.models.resunet import build_resunet
+
+    return build_resunet(**TINY_SEGMENTER)
+
+
+def make_tiny_pair(directory: str | os.PathLike, **meta) -> Path:
+    """Build and save an untrained tiny pair in `directory` with `save_pair`; return the directory.
+
+    `meta` overrides the pair metadata (threshold 0.5, segmenter_tile_size 64 by default).
+    Builds two models (a few seconds), so call it once per session from a fixture.
+    """
+    from pipeline.models.model_io import save_pair
+
+    record = {"threshold": 0.5, "segmenter_tile_size": 64, "policy": "float32",
+              "backbone_weights": "none", "tiny_test_pair": True}
+    record.update(meta)
+    return save_pair(directory, make_tiny_classifier(), make_tiny_segmenter(), record)
