@@ -14,10 +14,10 @@ CACHE_DIR_ENV = "LGG_CACHE_DIR"
 def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path:
     """Return the dataset root: the command-line flag, else `$LGG_DATA_DIR`, else `data/kaggle_3m`."""
     if flag:
-        return Path(flag).expanduser()
+        return Path(flag).expanduser().resolve()
     env = os.environ.get(DATA_DIR_ENV)
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().resolve()
     return DEFAULT_DATA_DIR
 
 

@@ -308,3 +308,32 @@ def test_class_weights_balance_the_classes():
     assert weights[0] == pytest.approx(4 / 6) and weights[1] == pytest.approx(2.0)
     assert weights[0] * 3 == pytest.approx(weights[1] * 1)
     assert class_weights([0, 0]) == {0: 1.0, 1: 1.0}
+
+
+def test_random_crop_cuts_image_and_mask_at_the_same_place():
+    from pipeline.data.augment import random_crop
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[50:54, 5:9] = 1  # a small tumour near a corner
+    image[..., 1] = mask * 255
+    hits = 0
+    for _ in range(50):
+        crop_img, crop_mask = random_crop(image, mask, 32, rng, p_tumor=0.8)
+        assert crop_img.shape == (32, 32, 3) and crop_mask.shape == (32, 32)
+        np.testing.assert_array_equal(crop_img[..., 1], crop_mask * 255)
+        hits += bool(crop_mask.any())
+    assert hits >= 30  # tumour-centred most of the time, though it covers 0.4 % of the slice
+    with pytest.raises(ValueError, match="exceeds"):
+        random_crop(image, mask, 65, rng)
+
+
+def test_segment_dataset_with_crops_yields_crop_sized_pairs(data):
+    from pipeline.data.dataset import make_dataset
+
+    df, arrays = data
+    ds = make_dataset(arrays, np.arange(len(df)), task="segment", batch_size=4, crop_size=32, seed=3)
+    assert tuple(ds.element_spec[0].shape) == (None, 32, 32, 3)
+    for images, masks in _collect(ds.take(3)):
+        assert images.shape[1:] == (32, 32, 3) and masks.shape[1:] == (32, 32, 1)

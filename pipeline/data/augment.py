@@ -206,3 +206,27 @@ def augment_pair(
         image, mask = _warp(image, mask, matrix if affine else None, field, _BORDERS[params.border])
     image = _intensity(image, rng, params)
     return image, mask
+
+
+def random_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator, p_tumor: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a `size` x `size` window from an (H, W, C) image and its (H, W) mask.
+
+    With probability `p_tumor` (and when the mask has tumour) the window is centred on a
+    random tumour pixel, clamped to the slice; otherwise it is placed uniformly. Training the
+    fully convolutional segmenter on crops costs a quarter of the compute per sample at
+    128 of 256 px, so the CPU budget buys four times the steps; inference stays full size.
+    """
+    height, width = mask.shape
+    if size > height or size > width:
+        raise ValueError(f"crop size {size} exceeds the slice size {height}x{width}")
+    ys, xs = np.nonzero(mask)
+    if ys.size and rng.random() < p_tumor:
+        k = rng.integers(ys.size)
+        y0 = int(np.clip(ys[k] - size // 2, 0, height - size))
+        x0 = int(np.clip(xs[k] - size // 2, 0, width - size))
+    else:
+        y0 = int(rng.integers(0, height - size + 1))
+        x0 = int(rng.integers(0, width - size + 1))
+    return image[y0 : y0 + size, x0 : x0 + size], mask[y0 : y0 + size, x0 : x0 + size]

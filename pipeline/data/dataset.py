@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from .array_cache import SliceArrays
-from .augment import AugmentParams, augment_pair
+from .augment import AugmentParams, augment_pair, random_crop
 
 __all__ = ["TASKS", "make_dataset", "class_weights", "element_rng"]
 
@@ -53,6 +53,7 @@ def make_dataset(
     repeat: bool = False,
     weight_map: Callable[[np.ndarray], np.ndarray] | None = None,
     augment_params: AugmentParams | None = None,
+    crop_size: int | None = None,
 ) -> tf.data.Dataset:
     """Build a tf.data pipeline over the slices `arrays[positions]`.
 
@@ -63,7 +64,9 @@ def make_dataset(
       weights float32 (B, H, W) = weight_map(mask uint8 (H, W)) computed after augmentation.
     `positions` index rows of `arrays` (e.g. `positions_for_split(index_df, splits, "train")`).
     `shuffle` reshuffles each epoch; `augment` applies `augment_pair` with `augment_params`
-    (default AugmentParams()); `repeat` makes the dataset infinite (use `steps_per_epoch`).
+    (default AugmentParams()); `crop_size` takes a random (mostly tumour-centred, see
+    `random_crop`) square crop after augmentation, so H = W = crop_size; `repeat` makes
+    the dataset infinite (use `steps_per_epoch`).
     The last batch may be smaller. Deterministic for a given `seed` (see module docstring).
     """
     if task not in TASKS:
@@ -78,7 +81,7 @@ def make_dataset(
             f"positions must lie in [0, {len(arrays)}), got {positions.min()}..{positions.max()}"
         )
     params = augment_params or AugmentParams()
-    height, width = arrays.image_size
+    height, width = (crop_size, crop_size) if crop_size else arrays.image_size
     images_np, masks_np = arrays.images, arrays.masks
     seed = int(seed)
 
@@ -87,6 +90,10 @@ def make_dataset(
         image, mask = images_np[position], masks_np[position]
         if augment:
             image, mask = augment_pair(image, mask, element_rng(seed, epoch, position), params)
+        if crop_size:
+            # its own stream, so cropping does not change which augmentation a slice gets
+            crop_rng = element_rng(seed + 1, epoch, position)
+            image, mask = random_crop(image, mask, crop_size, crop_rng)
         outputs = [np.asarray(image, np.uint8), np.asarray(mask, np.uint8)]
         if weight_map is not None:
             outputs.append(np.asarray(weight_map(outputs[1]), np.float32))

@@ -99,6 +99,7 @@ class SegmenterConfig:
     train_on: str = "tumor"  # "tumor": tumour-positive slices only; "all": every slice
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     steps_per_epoch: int | None = None
+    crop_size: int | None = None  # train on random crops (validation and inference stay full size)
 
 
 @dataclass(frozen=True)

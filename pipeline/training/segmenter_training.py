@@ -92,6 +92,7 @@ def train_segmenter(
             seed=t.seed,
             repeat=True,
             weight_map=weight_map,
+            crop_size=s.crop_size,
         )
         val = make_dataset(
             data.arrays,
