@@ -31,12 +31,14 @@ class _Recording(keras.Model):
         self.batches: list[np.ndarray] = []
 
     def predict_on_batch(self, x):
-        self.batches.append(np.array(x, copy=True))
+        # The pipeline pads batches to a fixed size with all-zero images; record real inputs only.
+        x = np.array(x, copy=True)
+        self.batches.append(x[np.any(x.reshape(len(x), -1) != 0, axis=1)])
         return super().predict_on_batch(x)
 
     @property
     def n_seen(self) -> int:
-        """Slices (or tiles) predicted so far."""
+        """Slices (or tiles) predicted so far, padding excluded."""
         return sum(len(b) for b in self.batches)
 
 

@@ -159,6 +159,20 @@ def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return checked
 
 
+def _predict_fixed_batch(model: Any, batch: np.ndarray, size: int) -> np.ndarray:
+    """`model.predict_on_batch` on `batch` zero-padded to a multiple of `size` -> float32 outputs for `batch`.
+
+    A fixed batch shape keeps Keras from re-tracing its predict function for every new
+    number of flagged slices (seconds each time on a CPU).
+    """
+    n = len(batch)
+    padded_n = max(size, -(-n // size) * size)
+    x = np.zeros((padded_n, *batch.shape[1:]), np.float32)
+    x[:n] = batch
+    outs = [np.asarray(model.predict_on_batch(x[i : i + size]), np.float32) for i in range(0, padded_n, size)]
+    return np.concatenate(outs)[:n]
+
+
 def _groups_by_shape(
     images: Sequence[np.ndarray], indices: Sequence[int]
 ) -> dict[tuple[int, int], list[int]]:
@@ -246,14 +260,14 @@ class TumorPipeline:
             step = max(1, min(self.batch_size, MAX_BATCH_PIXELS // (height * width)))
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                batch = np.stack([images[i] for i in chunk]).astype(np.float32)
-                out = np.asarray(self.classifier.predict_on_batch(batch), np.float64).reshape(len(chunk), -1)
-                probabilities[chunk] = out[:, 0]
+                batch = np.stack([images[i] for i in chunk])
+                out = _predict_fixed_batch(self.classifier, batch, step).astype(np.float64)
+                probabilities[chunk] = out.reshape(len(chunk), -1)[:, 0]
         return probabilities
 
     def _segmenter_fn(self) -> Callable[[np.ndarray], np.ndarray]:
         def predict(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(self.segmenter.predict_on_batch(batch.astype(np.float32)), np.float32)
+            return _predict_fixed_batch(self.segmenter, batch, self.batch_size)
 
         return predict
 
