@@ -22,7 +22,7 @@ def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_cache_dir(flag: str | os.PathLike | None = None) -> Path:
-    """Return the cache directory for indexes and decoded arrays: flag, else `$LGG_CACHE_DIR`, else `.cache/`."""
+    """Return the cache directory (indexes, decoded arrays): flag, else `$LGG_CACHE_DIR`, else `.cache/`."""
     if flag:
         return Path(flag).expanduser()
     env = os.environ.get(CACHE_DIR_ENV)

@@ -17,7 +17,7 @@ MASK_THRESHOLD = 127  # Kaggle masks are 0/255; anything above this is tumour
 
 
 def classifier_preprocess(images):
-    """Raw RGB 0..255 float tensor (B, H, W, 3) -> ResNet50 input (channels reordered, ImageNet mean removed)."""
+    """Raw RGB 0..255 tensor (B, H, W, 3) -> ResNet50 input (channels reordered, ImageNet mean removed)."""
     return keras.applications.resnet50.preprocess_input(ops.cast(images, "float32"))
 
 

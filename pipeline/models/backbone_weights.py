@@ -267,11 +267,8 @@ def convert_tfjs_resnet50(src_dir: str | os.PathLike, out_path: str | os.PathLik
 
 def sha1_of(path: str | os.PathLike) -> str:
     """Hex sha1 of a file, read in chunks."""
-    digest = hashlib.sha1()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def verify_sha1(path: str | os.PathLike, expected: str | None = None) -> None:

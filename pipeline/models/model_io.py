@@ -45,11 +45,8 @@ _SERIALISABLE_MODULES = ("pipeline.preprocessing", "pipeline.losses", "pipeline.
 
 def sha256_of(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def register_custom_objects() -> None:
