@@ -13,7 +13,7 @@ INPUT ?=
 OUT ?= diagnosis
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-.PHONY: venv test lint index weights train evaluate diagnose bench clean
+.PHONY: venv test lint index weights train evaluate diagnose bench release clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,9 @@ evaluate: $(STAMP)
 diagnose: $(STAMP)
 	@test -n "$(INPUT)" || (echo "usage: make diagnose INPUT=<files|folders|globs> OUT=<folder>" >&2; exit 2)
 	$(PY) -m pipeline diagnose $(INPUT) --out $(OUT) $(ARGS)
+
+release: $(STAMP)
+	$(PY) -m pipeline release $(if $(RUN),--run $(RUN),) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(ARGS)
