@@ -28,17 +28,14 @@ process's peak resident set size. Numbers depend on the machine and its load (pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-RESULT_MARKER = "E2E_RESULT "
-WORKER_TIMEOUT_S = 3600
+from pipeline.benchmarks import run_worker, worker_main
+
 SLICE_SIZE = 256
 TUMOUR_SHARE = 1 / 3
 TARGET_SLICES_PER_S = 40.0
@@ -314,19 +311,6 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    cmd = [sys.executable, "-m", "pipeline.benchmarks.end_to_end", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-    raise RuntimeError(
-        f"benchmark worker {spec.get('kind')}/{spec.get('policy')} failed (exit {proc.returncode}):\n{tail}"
-    )
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -408,14 +392,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    row = measure_baseline(spec) if spec["kind"] == "baseline" else measure_pipeline(spec)
-    print(RESULT_MARKER + json.dumps(row), flush=True)
-    return 0
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    return measure_baseline(spec) if spec["kind"] == "baseline" else measure_pipeline(spec)
+
+
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_worker("pipeline.benchmarks.end_to_end", spec, f"{spec.get('kind')}/{spec.get('policy')}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="worker process of `python -m pipeline bench pipeline`")
-    parser.add_argument("--worker", required=True, help="JSON spec of one measurement")
-    raise SystemExit(_worker_main(parser.parse_args().worker))
+    raise SystemExit(worker_main(_measure, "worker process of `python -m pipeline bench pipeline`"))

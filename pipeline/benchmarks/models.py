@@ -15,19 +15,15 @@ average is printed with the results).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 
+from pipeline.benchmarks import run_worker, worker_main
+
 STAGES = ("classifier", "segmenter")
-RESULT_MARKER = "BENCH_RESULT "
-WORKER_TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -110,23 +106,12 @@ def measure_stage(stage: str, policy: str, *, batch_size: int, steps: int, warmu
     return row
 
 
-def _worker_command(stage: str, policy: str, config: BenchConfig) -> list[str]:
+def run_stage_worker(stage: str, policy: str, config: BenchConfig) -> dict:
+    """Run `measure_stage` in a fresh Python process and return its result row."""
     spec = {"stage": stage, "policy": policy, "batch_size": config.batch_size, "steps": config.steps,
             "warmup": config.warmup, "image_size": config.image_size,
             "classifier_mode": config.classifier_mode}
-    return [sys.executable, "-m", "pipeline.benchmarks.models", "--worker", json.dumps(spec)]
-
-
-def run_worker(stage: str, policy: str, config: BenchConfig) -> dict:
-    """Run `measure_stage` in a fresh Python process and return its result row."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    proc = subprocess.run(_worker_command(stage, policy, config), capture_output=True, text=True,
-                          env=env, timeout=WORKER_TIMEOUT_S, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-    raise RuntimeError(f"benchmark worker for {stage}/{policy} failed (exit {proc.returncode}):\n{tail}")
+    return run_worker("pipeline.benchmarks.models", spec, f"for {stage}/{policy}")
 
 
 def distinct_policies(policies: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -162,7 +147,7 @@ def run(config: BenchConfig, progress=print) -> dict:
     for requested, resolved in distinct_policies(config.policies):
         for stage in config.stages:
             progress(f"  measuring {stage} under {resolved} (requested {requested}) ...")
-            results.append(run_worker(stage, resolved, config))
+            results.append(run_stage_worker(stage, resolved, config))
     env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return {"environment": env, "config": asdict(config), "results": results}
 
@@ -198,14 +183,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _worker_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    row = measure_stage(spec.pop("stage"), spec.pop("policy"), **spec)
-    print(RESULT_MARKER + json.dumps(row), flush=True)
-    return 0
+def _measure(spec: dict) -> dict:
+    return measure_stage(spec.pop("stage"), spec.pop("policy"), **spec)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="worker process of `python -m pipeline bench models`")
-    parser.add_argument("--worker", required=True, help="JSON spec of one measurement")
-    raise SystemExit(_worker_main(parser.parse_args().worker))
+    raise SystemExit(worker_main(_measure, "worker process of `python -m pipeline bench models`"))
