@@ -29,10 +29,12 @@ class _Recording(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.batches: list[np.ndarray] = []
+        self.padded_lengths: list[int] = []  # batch lengths as called, padding included
 
     def predict_on_batch(self, x):
         # The pipeline pads batches to a fixed size with all-zero images; record real inputs only.
         x = np.array(x, copy=True)
+        self.padded_lengths.append(len(x))
         self.batches.append(x[np.any(x.reshape(len(x), -1) != 0, axis=1)])
         return super().predict_on_batch(x)
 

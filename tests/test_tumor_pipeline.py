@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from pipeline.inference.image_loading import load_slice
-from pipeline.inference.tumor_pipeline import SliceResult, TumorPipeline, measure, postprocess_mask
+from pipeline.inference.tumor_pipeline import (
+    SliceResult,
+    TumorPipeline,
+    batch_bucket,
+    measure,
+    postprocess_mask,
+)
 from tests.inference_helpers import expected_mask, slice_images, stub_pipeline
 from tests.synthetic import make_slice
 
@@ -44,6 +50,24 @@ def test_a_slice_under_the_threshold_never_reaches_the_segmenter(slices):
         assert reached == is_tumor
     assert all(len(b) <= 5 for b in pipe.segmenter.batches + pipe.classifier.batches)  # batch-wise
     assert pipe.classifier.n_seen == len(images)  # the classifier scores every slice once
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "expected"),
+    [(0, 16, 1), (1, 16, 1), (2, 16, 2), (3, 16, 4), (5, 16, 8), (9, 16, 16), (16, 16, 16), (9, 12, 12)],
+)
+def test_batch_bucket_is_the_next_power_of_two_capped_at_the_batch_size(n, size, expected):
+    assert batch_bucket(n, size) == expected
+
+
+def test_few_flagged_slices_are_not_padded_to_a_full_batch(slices):
+    images, labels = slices  # 12 slices, a few of them tumour slices
+    pipe = stub_pipeline(tile_size=64, batch_size=16)
+    pipe.predict(images)
+    assert pipe.classifier.padded_lengths == [16]
+    n_flagged = sum(labels)
+    assert pipe.segmenter.padded_lengths == [batch_bucket(n_flagged, 16)]
+    assert n_flagged <= pipe.segmenter.padded_lengths[0] < 2 * n_flagged
 
 
 def test_unflagged_slices_get_an_empty_result_and_flagged_ones_their_mask(slices):

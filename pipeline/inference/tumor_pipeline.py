@@ -159,18 +159,26 @@ def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return checked
 
 
-def _predict_fixed_batch(model: Any, batch: np.ndarray, size: int) -> np.ndarray:
-    """`model.predict_on_batch` on `batch` zero-padded to a multiple of `size` -> float32 outputs for `batch`.
+def batch_bucket(n: int, size: int) -> int:
+    """Padded batch length for `n` slices: the smallest power of two >= n, at most `size`."""
+    return min(size, 1 << max(0, n - 1).bit_length())
 
-    A fixed batch shape keeps Keras from re-tracing its predict function for every new
-    number of flagged slices (seconds each time on a CPU).
+
+def _predict_fixed_batch(model: Any, batch: np.ndarray, size: int) -> np.ndarray:
+    """`model.predict_on_batch` on `batch` in chunks of `size` -> float32 outputs for `batch`.
+
+    Each chunk is zero-padded to a power-of-two length (`batch_bucket`): Keras traces its
+    predict function once per input shape (seconds each on a CPU), so a handful of fixed
+    lengths bound the tracing, while a chunk of 5 flagged slices costs 8, not `size`, slices
+    of compute.
     """
-    n = len(batch)
-    padded_n = max(size, -(-n // size) * size)
-    x = np.zeros((padded_n, *batch.shape[1:]), np.float32)
-    x[:n] = batch
-    outs = [np.asarray(model.predict_on_batch(x[i : i + size]), np.float32) for i in range(0, padded_n, size)]
-    return np.concatenate(outs)[:n]
+    outs = []
+    for start in range(0, max(1, len(batch)), size):
+        chunk = batch[start : start + size]
+        x = np.zeros((batch_bucket(len(chunk), size), *batch.shape[1:]), np.float32)
+        x[: len(chunk)] = chunk
+        outs.append(np.asarray(model.predict_on_batch(x), np.float32)[: len(chunk)])
+    return np.concatenate(outs)
 
 
 def _groups_by_shape(
