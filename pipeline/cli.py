@@ -14,7 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "Train the classifier and the segmenter from a config."),
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
     "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
-    "release": ("release", "Export a training run's pair to models/ (float16-stored weights, checked, SHA-256)."),
+    "release": (
+        "release",
+        "Export a training run's pair to models/ (float16-stored weights, checked, SHA-256).",
+    ),
     "bench": ("bench", "Measure throughput of both stages, float32 vs mixed precision."),
 }
 
