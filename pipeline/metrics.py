@@ -219,7 +219,8 @@ def score_summary(scores: pd.DataFrame, empty: Empty = "one") -> dict[str, Any]:
 def classification_summary(labels, probs, threshold: float = 0.5) -> dict[str, Any]:
     """Stage-1 metrics from binary `labels` (0/1) and tumour probabilities, via scikit-learn.
 
-    A slice is predicted positive when `prob > threshold`. Returns a JSON-friendly dict:
+    A slice is predicted positive when `prob >= threshold`, the rule of the pipeline's gate
+    (`TumorPipeline`), so these numbers describe what the product decides. Returns a JSON-friendly dict:
     `n, n_positive, n_negative, threshold, accuracy, sensitivity (= recall), recall,
     specificity, precision, f1, roc_auc, pr_auc (average precision), confusion_matrix
     ([[tn, fp], [fn, tp]], labels [0, 1]), tp, fp, fn, tn, notes`. Undefined ratios (no
@@ -235,7 +236,7 @@ def classification_summary(labels, probs, threshold: float = 0.5) -> dict[str, A
     if not np.isin(labels, (0, 1)).all():
         raise ValueError(f"labels must be 0/1, got values {np.unique(labels)[:10].tolist()}")
     labels = labels.astype(np.int64)
-    preds = (probs > threshold).astype(np.int64)
+    preds = (probs >= threshold).astype(np.int64)
     notes: list[str] = []
 
     cm = skm.confusion_matrix(labels, preds, labels=[0, 1])

@@ -257,7 +257,7 @@ def test_classification_summary_matches_sklearn():
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     probs = np.array([0.9, 0.6, 0.3, 0.2, 0.7, 0.1, 0.4, 0.8])
     s = classification_summary(labels, probs)
-    preds = (probs > 0.5).astype(int)  # TP 3, FN 1, FP 1, TN 3
+    preds = (probs >= 0.5).astype(int)  # TP 3, FN 1, FP 1, TN 3
     assert (s["tp"], s["fn"], s["fp"], s["tn"]) == (3, 1, 1, 3)
     assert s["confusion_matrix"] == [[3, 1], [1, 3]]
     assert s["accuracy"] == pytest.approx(6 / 8)
@@ -270,6 +270,8 @@ def test_classification_summary_matches_sklearn():
     assert s["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
     assert s["notes"] == []
     assert classification_summary(labels, probs, threshold=0.25)["tp"] == 4
+    # A probability equal to the threshold is positive, as in the pipeline's gate.
+    assert classification_summary(labels, probs, threshold=0.3)["tp"] == 4
 
 
 def test_classification_summary_handles_a_single_class():

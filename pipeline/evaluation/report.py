@@ -144,21 +144,12 @@ def patient_table(slices: pd.DataFrame, masks: np.ndarray, preds: SlicePredictio
 def classifier_section(slices: pd.DataFrame, threshold: float) -> dict[str, Any]:
     """Stage-1 slice metrics at the operating point the pipeline actually used.
 
-    The threshold-dependent numbers (accuracy, sensitivity, specificity, precision, F1,
-    confusion matrix) come from the pipeline's own gate decisions (`flagged`, i.e.
-    `TumorPipeline`'s `probability >= threshold`), so they describe what the product did;
+    `classification_summary` flags a slice at `probability >= threshold`, the gate of
+    `TumorPipeline`, so its confusion matrix is the pipeline's own decisions (`flagged`);
     ROC-AUC and PR-AUC come from the probabilities.
     """
     labels = slices["has_tumor"].astype(int).to_numpy()
-    curves = metrics.classification_summary(labels, slices["probability"].to_numpy(), threshold)
-    decided = metrics.classification_summary(labels, slices["flagged"].astype(float).to_numpy(), 0.5)
-    summary = {
-        **decided,
-        "threshold": float(threshold),
-        "roc_auc": curves["roc_auc"],
-        "pr_auc": curves["pr_auc"],
-        "notes": list(dict.fromkeys(decided["notes"] + [n for n in curves["notes"] if "ROC" in n])),
-    }
+    summary = metrics.classification_summary(labels, slices["probability"].to_numpy(), threshold)
     summary["positive_rule"] = "the pipeline's gate flags it (probability >= threshold)"
     return summary
 
