@@ -32,7 +32,7 @@ class _Recording(keras.Model):
         self.padded_lengths: list[int] = []  # batch lengths as called, padding included
 
     def predict_on_batch(self, x):
-        # The pipeline pads batches to a fixed size with all-zero images; record real inputs only.
+        # The pipeline pads batches to power-of-two lengths with all-zero images; record real inputs only.
         x = np.array(x, copy=True)
         self.padded_lengths.append(len(x))
         self.batches.append(x[np.any(x.reshape(len(x), -1) != 0, axis=1)])
