@@ -330,3 +330,20 @@ def test_shared_copy_counts(shared_root):
     df = index_dataset(shared_root)
     assert summarize(df) == {"patients": 81, "slices": 2936, "tumor_slices": 1030, "tumor_patients": 81}
     assert df.groupby("case")["slice"].apply(lambda s: s.is_monotonic_increasing).all()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_hides_the_bars_of_the_first_read(synthetic_root, tmp_path, monkeypatch, progress):
+    from pipeline.data import array_cache
+
+    disabled: list[bool] = []
+
+    def recording_tqdm(iterable, *args, disable=False, **kwargs):
+        disabled.append(disable)
+        return iterable
+
+    monkeypatch.setattr(index_module, "tqdm", recording_tqdm)
+    monkeypatch.setattr(array_cache, "tqdm", recording_tqdm)
+    df = index_dataset(synthetic_root, cache_dir=tmp_path, progress=progress)
+    array_cache.load_arrays(df, tmp_path, progress=progress)
+    assert disabled == [not progress, not progress]  # the index read, then the array cache build

@@ -102,7 +102,7 @@ def _open(folder: Path, n: int) -> SliceArrays | None:
     return SliceArrays(images=images, masks=masks)
 
 
-def _build(df: pd.DataFrame, folder: Path) -> None:
+def _build(df: pd.DataFrame, folder: Path, progress: bool = True) -> None:
     """Decode every slice into `.npy` files in a temp folder, then rename the folder to `folder`."""
     height, width = _common_size(df)
     n = len(df)
@@ -117,7 +117,8 @@ def _build(df: pd.DataFrame, folder: Path) -> None:
         )
         rows = zip(df["image_path"], df["mask_path"], strict=True)
         for i, (image_path, mask_path) in enumerate(
-            tqdm(rows, total=n, desc="caching slices", unit="slice", delay=2.0, mininterval=1.0, leave=False)
+            tqdm(rows, total=n, desc="caching slices", unit="slice", delay=2.0, mininterval=1.0,
+                 leave=False, disable=not progress)
         ):
             images[i], masks[i] = read_pair(image_path, mask_path)
         images.flush()
@@ -134,13 +135,15 @@ def _build(df: pd.DataFrame, folder: Path) -> None:
             shutil.rmtree(tmp)
 
 
-def load_arrays(df: pd.DataFrame, cache_dir: str | os.PathLike | None = None) -> SliceArrays:
+def load_arrays(
+    df: pd.DataFrame, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> SliceArrays:
     """Index frame (rows with `image_path`, `mask_path`) -> SliceArrays aligned with `df`'s row order.
 
     The first call decodes every TIFF once into `<cache_dir>/arrays-<hash>/` (default cache dir:
     `resolve_cache_dir()`); later calls with the same files reopen the `.npy` files with
     `np.load(mmap_mode="r")`. Raises DataError if slices differ in size (naming them) or a file
-    is missing or unreadable.
+    is missing or unreadable. `progress=False` hides the progress bar of the first decoding.
     """
     if len(df) == 0:
         raise DataError("cannot cache an empty index")
@@ -151,7 +154,7 @@ def load_arrays(df: pd.DataFrame, cache_dir: str | os.PathLike | None = None) ->
             return arrays
         shutil.rmtree(folder, ignore_errors=True)
     log.info("decoding %d slices into %s", len(df), folder)
-    _build(df, folder)
+    _build(df, folder, progress)
     arrays = _open(folder, len(df))
     if arrays is None:
         raise DataError("array cache could not be reopened after building it", [folder])

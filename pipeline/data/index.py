@@ -170,11 +170,12 @@ def _fingerprint(root: Path, cases: dict[str, list[os.DirEntry]]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _read_slices(records: list[dict]) -> tuple[list[dict], list[Problem]]:
+def _read_slices(records: list[dict], progress: bool = True) -> tuple[list[dict], list[Problem]]:
     """Decode every image and mask once: validate them and count tumour pixels."""
     good: list[dict] = []
     problems: list[Problem] = []
-    for record in tqdm(records, desc="indexing slices", unit="slice", delay=2.0, leave=False):
+    bar = tqdm(records, desc="indexing slices", unit="slice", delay=2.0, leave=False, disable=not progress)
+    for record in bar:
         try:
             _, mask = read_pair(record["image_path"], record["mask_path"])
         except DataError as exc:
@@ -228,6 +229,7 @@ def index_dataset(
     root: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
     skip_bad: bool = False,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Index a Kaggle-layout root -> DataFrame with one row per slice, sorted by case then slice.
 
@@ -241,7 +243,8 @@ def index_dataset(
     layout, empty case folder, image without mask, mask without image, unreadable/truncated
     TIFF, wrong shape/dtype, image/mask size mismatch). With `skip_bad=True` the problems are
     logged and warned about instead, the good slices are returned, and
-    `df.attrs["skipped"]` lists them as `{"path", "problem"}` dicts.
+    `df.attrs["skipped"]` lists them as `{"path", "problem"}` dicts. `progress=False` hides the
+    progress bar of the first (uncached) read.
     """
     root = Path(root).expanduser().absolute()
     cases, problems = _scan(root)
@@ -253,7 +256,7 @@ def index_dataset(
         log.info("index of %s loaded from cache %s", root, cache)
     else:
         records, pair_problems = _pair(root, cases)
-        good, read_problems = _read_slices(records)
+        good, read_problems = _read_slices(records, progress)
         problems = problems + pair_problems + read_problems
         df = _to_frame(good)
         _save_cached(cache, key, root, df, problems)

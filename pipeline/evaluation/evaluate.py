@@ -359,12 +359,12 @@ def evaluate(
     cache = resolve_cache_dir(cache_dir)
 
     require_split_file(split, splits_path)  # before indexing: fail fast
-    index_df = index_dataset(root, cache_dir=cache)
+    index_df = index_dataset(root, cache_dir=cache, progress=progress)
     positions = select_positions(index_df, split, splits_path)
     missing = _split_patients_missing(index_df, split, splits_path)
     if missing:
         log.warning("%d patient(s) of the %s split are not under %s: %s", len(missing), split, root, missing)
-    arrays = load_arrays(index_df, cache)
+    arrays = load_arrays(index_df, cache, progress=progress)
     rows = index_df.iloc[positions].reset_index(drop=True)
     if len(positions) == len(index_df):
         images, masks = arrays.images, arrays.masks  # every row: keep the memmaps, no copy
