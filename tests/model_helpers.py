@@ -7,7 +7,7 @@ from pathlib import Path
 
 TINY_CLASSIFIER = {"image_size": 32, "weights": "none", "dense_units": 8}
 TINY_SEGMENTER = {"base_filters": 4, "depth": 2}
-# Untrained ResNet50 heads often saturate: with most seeds every synthetic slice scores ~0 or ~1,
+# Untrained ResNet50 heads often saturate: with many seeds every synthetic slice scores ~0 or ~1,
 # 1e-5 apart. With this seed the tiny classifier's probabilities spread over ~0.33-0.40, so tests
 # can put a threshold between slices that float16 storage cannot move them across.
 TINY_PAIR_SEED = 2
