@@ -44,9 +44,10 @@ def in_release_workdir(tmp_path, monkeypatch) -> Path:
 
 
 def test_the_release_and_its_model_card_describe_the_same_files():
-    listed = dict(reversed(line.split()) for line in (RELEASE / "SHA256SUMS").read_text().splitlines())
-    for name in ("classifier.keras", "segmenter.keras", "pipeline.json", "splits.csv"):
-        assert name in listed and (RELEASE / name).is_file()
+    from pipeline.models.release import verify_release
+
+    listed = verify_release(RELEASE)  # every file present and matching SHA256SUMS / pipeline.json
+    assert {"classifier.keras", "segmenter.keras", "pipeline.json", "splits.csv"} <= set(listed)
     card = (RELEASE / "README.md").read_text(encoding="utf-8")
     for name in ("classifier.keras", "segmenter.keras"):  # the card describes these very files
         assert listed[name] in card, f"models/README.md does not name the sha256 of {name}"
@@ -104,5 +105,6 @@ def test_diagnose_works_on_the_committed_release_without_training(in_release_wor
     assert broken["error"].notna().all()
     ok = report[~report["path"].str.endswith("broken.tif")]
     assert ok["error"].isna().all() and ok["probability"].between(0, 1).all()
-    settings = json.loads((out / "report.json").read_text())
-    assert settings  # the JSON report parses
+    report_json = json.loads((out / "report.json").read_text())
+    assert report_json["summary"]["inputs"] == 4 and report_json["summary"]["failed"] == 1
+    assert len(report_json["rows"]) == 4
