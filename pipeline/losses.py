@@ -220,25 +220,40 @@ class FocalTverskyLoss(TverskyLoss):
 class BCEDiceLoss(_PipelineLoss):
     """`bce_weight * BCE + dice_weight * soft Dice`, per sample (B,).
 
-    The BCE term is the mean over the sample's pixels, the Dice term as in `DiceLoss`.
+    The BCE term is the mean over the sample's pixels. The Dice term is per sample as in
+    `DiceLoss`, or, with `batch_dice=True` (nnU-Net's "batch Dice"), one soft Dice over all
+    pixels of the batch given to every sample. Per-sample Dice degenerates on an empty
+    target: it is ``1 - smooth / (sum(p) + smooth)``, which saturates at 1 (gradient ~0) as
+    soon as a few pixels fire, so empty crops teach it nothing beyond the BCE term. Batch
+    Dice counts their false positives in the same ratio as the tumour pixels of the other
+    crops, so they are penalised on the scale that matters for a patient's Dice.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 name: str = "bce_dice_loss", reduction: str | None = "sum_over_batch_size"):
+                 batch_dice: bool = False, name: str = "bce_dice_loss",
+                 reduction: str | None = "sum_over_batch_size"):
         super().__init__(name=name, reduction=reduction)
         self.bce_weight = float(bce_weight)
         self.dice_weight = float(dice_weight)
         self.smooth = float(smooth)
+        self.batch_dice = bool(batch_dice)
 
     def _compute(self, y_true, y_pred):
         bce = _pixel_bce(y_true, y_pred)  # (B, H, W) or (B,) for rank-2 inputs
         bce_axes = tuple(range(1, len(bce.shape)))
         bce = ops.mean(bce, axis=bce_axes) if bce_axes else bce
-        return self.bce_weight * bce + self.dice_weight * _soft_dice_loss(y_true, y_pred, self.smooth)
+        if self.batch_dice:
+            intersection = ops.sum(y_true * y_pred)
+            total = ops.sum(y_true) + ops.sum(y_pred)
+            dice = 1.0 - (2.0 * intersection + self.smooth) / (total + self.smooth)
+            dice = ops.zeros_like(bce) + dice  # the same value for every sample
+        else:
+            dice = _soft_dice_loss(y_true, y_pred, self.smooth)
+        return self.bce_weight * bce + self.dice_weight * dice
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "bce_weight": self.bce_weight,
-                "dice_weight": self.dice_weight, "smooth": self.smooth}
+        return {**super().get_config(), "bce_weight": self.bce_weight, "dice_weight": self.dice_weight,
+                "smooth": self.smooth, "batch_dice": self.batch_dice}
 
 
 # Config name -> loss class. Keys are what `train` configs and `get_loss` accept.

@@ -289,6 +289,13 @@ class _InterruptAfter:
         self.seen += len(images)
         return self.pipe.predict(images)
 
+    def predict_volume(self, images):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        self.seen += len(images)
+        return self.pipe.predict_volume(images)
+
 
 def test_an_interrupted_run_resumes_without_redoing_anything(synthetic_root, tmp_path):
     out = tmp_path / "out"
@@ -296,14 +303,16 @@ def test_an_interrupted_run_resumes_without_redoing_anything(synthetic_root, tmp
     first = _InterruptAfter(stub_pipeline(), fail_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_diagnosis([synthetic_root], out, pipeline=first, batch_size=4, progress=False)
-    assert first.seen == 8  # two batches finished before the interruption
+    studies = [len(u) for u in diagnose.group_volumes(expand_inputs([synthetic_root]))]
+    assert first.seen == sum(studies[:2])  # two studies (the journal's units) finished before it
     assert not (out / "report.csv").exists()  # no half-made report
     with open(out / JOURNAL, "a") as fh:
         fh.write('{"type": "row", "key": "cut sh')  # the crash also cut a journal line short
 
     second = _InterruptAfter(stub_pipeline())
     result = run_diagnosis([synthetic_root], out, pipeline=second, batch_size=4, progress=False)
-    assert second.seen == total - 8 and result.resumed == 8  # nothing diagnosed twice
+    done = sum(studies[:2])
+    assert second.seen == total - done and result.resumed == done  # nothing diagnosed twice
     assert result.exit_code == 0 and len(pd.read_csv(out / "report.csv")) == total
     assert [r["path"] for r in result.rows] == [str(p) for p in expand_inputs([synthetic_root])]
 
@@ -381,3 +390,23 @@ def test_models_dir_resolution(tmp_path):
     assert resolve_models_dir(tmp_path / "runs" / "20240202-000000") == tmp_path / "runs" / "20240202-000000"
     with pytest.raises(DataError, match="not a model pair"):
         resolve_models_dir(tmp_path / "runs")
+
+
+def test_slices_of_a_study_are_diagnosed_as_one_volume(synthetic_root, tmp_path):
+    paths = expand_inputs([synthetic_root])
+    units = diagnose.group_volumes(paths)
+    assert sorted(len(u) for u in units) == sorted(
+        pd.Series([p.parent for p in paths]).value_counts().tolist()
+    )  # one unit per study folder, in slice order
+    for unit in units:
+        numbers = [int(p.stem.rsplit("_", 1)[1]) for p in unit]
+        assert numbers == sorted(numbers) and len({p.parent for p in unit}) == 1
+    # a 3D filter larger than any tumour: the volume route drops every mask, the 2D route keeps them
+    pipe = stub_pipeline(min_volume_px=10**6)
+    as_volumes = run_diagnosis([synthetic_root], tmp_path / "vol", pipeline=pipe, progress=False)
+    as_slices = run_diagnosis([synthetic_root], tmp_path / "2d", pipeline=pipe, progress=False, volumes=False)
+    assert as_volumes.settings["volumes"] and not as_slices.settings["volumes"]
+    assert sum(r["area_px"] for r in as_volumes.rows) == 0
+    assert sum(r["area_px"] for r in as_slices.rows) > 0
+    single = diagnose.group_volumes([paths[0], paths[1]])  # two slices are not a study
+    assert single == [[paths[0]], [paths[1]]]

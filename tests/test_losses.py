@@ -291,3 +291,27 @@ def test_module_exports_what_the_architecture_promises():
     for name in ("get_loss", "DiceLoss", "TverskyLoss", "FocalTverskyLoss", "BCEDiceLoss",
                  "BorderWeightedBCE", "border_weight_map"):
         assert hasattr(losses, name)
+
+
+def test_batch_dice_keeps_counting_false_positives_on_empty_crops_where_per_sample_dice_saturates():
+    from pipeline.losses import BCEDiceLoss
+
+    y = np.zeros((2, 32, 32, 1), np.float32)
+    y[0, :10, :10] = 1.0  # a tumour crop (100 px) and an empty crop
+
+    def prediction(fp_px: int) -> np.ndarray:
+        p = y.copy()
+        p[1].reshape(-1)[:fp_px] = 1.0  # false positives on the empty crop only
+        return np.clip(p, 1e-4, 1 - 1e-4)
+
+    def dice_term(loss, fp_px):
+        bce_only = BCEDiceLoss(dice_weight=0.0)
+        return float(loss(y, prediction(fp_px))) - float(bce_only(y, prediction(fp_px)))
+
+    per_sample, batch = BCEDiceLoss(), BCEDiceLoss(batch_dice=True)
+    # per sample: the empty crop's Dice term is already ~1 at 50 px, so 500 px cost no more
+    assert dice_term(per_sample, 500) - dice_term(per_sample, 50) < 0.02
+    # batch Dice: 2*100 / (200 + fp) - the false positives keep costing
+    assert dice_term(batch, 500) - dice_term(batch, 50) > 0.3
+    assert dice_term(batch, 0) == pytest.approx(0.0, abs=5e-3)  # clipping leaves a trace
+    assert BCEDiceLoss.from_config(batch.get_config()).batch_dice

@@ -129,7 +129,11 @@ def test_prepare_data_positions_follow_the_patient_split(synthetic_root, tmp_pat
 
 
 def test_calibration_picks_the_best_threshold_and_breaks_ties_towards_half():
-    from pipeline.training.calibration import search_operating_point
+    from pipeline.training.calibration import choose_point, volume_grid
+
+    def search_operating_point(probs, masks, gt, patients, thresholds):
+        grid = volume_grid(probs, masks, gt, patients, thresholds)
+        return grid, choose_point(grid)
 
     gt = np.zeros((4, 4, 4), np.uint8)
     gt[0, :2, :2] = 1  # patient A: one tumour slice (4 px) and one empty slice

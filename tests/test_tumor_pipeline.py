@@ -11,8 +11,8 @@ from pipeline.inference.tumor_pipeline import (
     TumorPipeline,
     batch_bucket,
     measure,
-    postprocess_mask,
 )
+from pipeline.postprocessing import postprocess_mask
 from tests.inference_helpers import expected_mask, slice_images, stub_pipeline
 from tests.synthetic import make_slice
 

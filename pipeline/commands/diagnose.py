@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also diagnose the dataset's *_mask.* files (skipped by default)",
     )
+    parser.add_argument(
+        "--no-volumes",
+        action="store_true",
+        help="diagnose every slice on its own; by default the slices of a study (one folder, files "
+        "<study>_<n>.tif) are diagnosed together with the volume-aware gate and 3D post-processing",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             progress=not args.quiet,
             include_masks=args.include_masks,
+            volumes=not args.no_volumes,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

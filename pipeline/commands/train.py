@@ -6,6 +6,7 @@ Examples::
     python -m pipeline train --quick --run-dir /tmp/smoke      # tiny smoke run
     python -m pipeline train --set classifier.image_size=224 --set segmenter.epochs=60
     python -m pipeline train --resume                          # continue the latest run (runs/LATEST)
+    python -m pipeline train --preset configs/release.yaml --stage segmenter   # the released segmenter
 
 Re-running with the same ``--run-dir`` (or ``--resume``) continues an interrupted run; the
 run's saved ``config.yaml`` is then the base config and ``--set`` overrides still apply.
@@ -33,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layer the quick preset (configs/quick.yaml: tiny images, 1-2 short epochs) on top",
     )
     parser.add_argument(
+        "--preset",
+        dest="presets",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="layer a preset file on top of --config (repeatable), e.g. configs/release.yaml",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -53,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="which stage(s) to train (default: %(default)s)",
     )
+    parser.add_argument(
+        "--classifier-from",
+        default="models",
+        metavar="PAIR",
+        help="with --stage segmenter and no classifier in the run: take the classifier of this pair "
+        "folder (default: %(default)s, the committed release); 'none' to leave the pair unsaved",
+    )
 
 
 def resolve_config(args: argparse.Namespace):
@@ -63,7 +79,8 @@ def resolve_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    fresh = load_config(args.config, [QUICK_PRESET] if args.quick else [], overrides)
+    presets = [*getattr(args, "presets", []), *([QUICK_PRESET] if args.quick else [])]
+    fresh = load_config(args.config, presets, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else None
     if args.resume and run_dir is None:
         run_dir = latest_run(runs_root(fresh))
@@ -85,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         config, run_dir = resolve_config(args)
         from pipeline.training.runner import train_run
 
-        summary = train_run(config, run_dir, stage=args.stage)
+        classifier_from = None if str(args.classifier_from).lower() == "none" else args.classifier_from
+        summary = train_run(config, run_dir, stage=args.stage, classifier_from=classifier_from)
     except DataError as exc:
         log.error("%s", exc)
         return 2

@@ -254,13 +254,18 @@ def evaluate_pipeline(
     seed: int = 0,
     provenance: Mapping[str, Any] | None = None,
     progress: bool = True,
+    volume_ids: np.ndarray | None = None,
+    min_volume_px: int = 0,
 ) -> EvaluationResult:
     """Run `pipeline` (end-to-end) and `segment` (segmenter alone) over the slices, then `write_evaluation`.
 
     `threshold` is the classifier threshold the pipeline gates with; the classifier metrics
-    use the same one.
+    use the same one. `volume_ids` (study per slice, contiguous, in slice order) runs the
+    pipeline per patient volume with the 3D steps (`predict_volume`) and applies
+    `min_volume_px` to the segmenter-alone masks too.
     """
-    preds = predict_slices(pipeline, images, segment, batch_size=batch_size, progress=progress)
+    preds = predict_slices(pipeline, images, segment, batch_size=batch_size, progress=progress,
+                           volume_ids=volume_ids, min_volume_px=min_volume_px)
     return write_evaluation(
         rows,
         images,
@@ -379,6 +384,8 @@ def evaluate(
         threshold=threshold,
         seg_threshold=_meta_value(meta, "seg_threshold", "mask_threshold"),
         min_component_px=_meta_value(meta, "min_component_px"),
+        min_volume_px=_meta_value(meta, "min_volume_px"),
+        neighbour_weight=_meta_value(meta, "neighbour_weight"),
         tile_size=_meta_value(meta, "tile_size", "segmenter_tile_size"),
         batch_size=batch_size,
     )
@@ -404,6 +411,9 @@ def evaluate(
         ),
         "seg_threshold": pipeline.seg_threshold,
         "min_component_px": pipeline.min_component_px,
+        "min_volume_px": pipeline.min_volume_px,
+        "neighbour_weight": pipeline.neighbour_weight,
+        "volume_route": "per patient study (predict_volume: volume-aware gate, 3D components)",
         "tile_size": pipeline.tile_size,
         "backbone_trained_from_scratch": _meta_value(
             meta, "trained_from_scratch", default=_from_scratch(_meta_value(meta, "backbone_weights"))
@@ -437,4 +447,6 @@ def evaluate(
         seed=seed,
         provenance=provenance,
         progress=progress,
+        volume_ids=rows["case"].to_numpy(),
+        min_volume_px=pipeline.min_volume_px,
     )

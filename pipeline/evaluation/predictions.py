@@ -9,6 +9,10 @@ ResNet50 twice over every slice.
 The segmenter-alone numbers run the segmenter on every slice through
 `TumorPipeline.segment_only` (the same tiling, binarisation and post-processing as the
 pipeline), so the only difference between the two is the classifier's gate.
+
+With `volume_ids` (the study of each slice, slices contiguous and in slice order) the
+end-to-end pass calls `TumorPipeline.predict_volume` once per patient, and the segmenter-alone
+masks get the same 3D step (`remove_small_volumes`), as evaluation always has whole patients.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from pipeline.postprocessing import remove_small_volumes
 
 
 class SliceResultLike(Protocol):
@@ -66,10 +72,24 @@ def _batches(n: int, batch_size: int) -> range:
     return range(0, n, batch_size)
 
 
+def volume_spans(volume_ids: np.ndarray) -> list[range]:
+    """Contiguous runs of equal ids -> index ranges (ValueError when a volume is split in two)."""
+    ids = np.asarray(volume_ids)
+    if len(ids) == 0:
+        return []
+    starts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+    spans = [range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    if len({ids[r.start] for r in spans}) != len(spans):
+        raise ValueError("the slices of each volume must be contiguous (sort by study, then slice)")
+    return spans
+
+
 def run_pipeline(
-    pipeline: PipelineLike, images: np.ndarray, batch_size: int = 16, progress: bool = True
+    pipeline: PipelineLike, images: np.ndarray, batch_size: int = 16, progress: bool = True,
+    volume_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the end-to-end pipeline over `images` (N, H, W, 3) uint8, `batch_size` slices per call.
+    """Run the end-to-end pipeline over `images` (N, H, W, 3) uint8, `batch_size` slices per call,
+    or one patient volume per call (`predict_volume`) when `volume_ids` is given.
 
     Returns `(probabilities (N,) float64, flagged (N,) bool, masks (N, H, W) uint8 0/1)`.
     A slice the pipeline did not flag counts as an empty prediction whatever mask it holds.
@@ -79,10 +99,14 @@ def run_pipeline(
     probabilities = np.zeros(n, np.float64)
     flagged = np.zeros(n, bool)
     masks = np.zeros((n, height, width), np.uint8)
+    if volume_ids is not None:
+        chunks = [(r.start, r.stop, pipeline.predict_volume) for r in volume_spans(volume_ids)]
+    else:
+        chunks = [(a, min(a + batch_size, n), pipeline.predict) for a in _batches(n, batch_size)]
     with tqdm(total=n, desc="end-to-end pipeline", unit="slice", disable=not progress) as bar:
-        for start in _batches(n, batch_size):
-            batch = [np.asarray(images[i]) for i in range(start, min(start + batch_size, n))]
-            results = pipeline.predict(batch)
+        for start, stop, predict in chunks:
+            batch = [np.asarray(images[i]) for i in range(start, stop)]
+            results = predict(batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"pipeline returned {len(results)} results for {len(batch)} slices")
             for offset, result in enumerate(results):
@@ -105,9 +129,13 @@ SegmentFn = Callable[[np.ndarray], np.ndarray]
 
 
 def run_segmenter(
-    segment: SegmentFn, images: np.ndarray, batch_size: int = 16, progress: bool = True
+    segment: SegmentFn, images: np.ndarray, batch_size: int = 16, progress: bool = True,
+    volume_ids: np.ndarray | None = None, min_volume_px: int = 0,
 ) -> np.ndarray:
-    """Apply `segment` to every slice of `images` (N, H, W, 3) in batches; returns (N, H, W) uint8 0/1."""
+    """Apply `segment` to every slice of `images` (N, H, W, 3) in batches; returns (N, H, W) uint8 0/1.
+
+    With `volume_ids`, 3D components below `min_volume_px` voxels are then dropped per volume.
+    """
     n = len(images)
     masks = np.zeros((n, *images.shape[1:3]), np.uint8)
     with tqdm(total=n, desc="segmenter alone", unit="slice", disable=not progress) as bar:
@@ -122,6 +150,9 @@ def run_segmenter(
                 )
             masks[start:stop] = out > 0
             bar.update(stop - start)
+    if volume_ids is not None and min_volume_px > 1:
+        for span in volume_spans(volume_ids):
+            masks[span.start : span.stop] = remove_small_volumes(masks[span.start : span.stop], min_volume_px)
     return masks
 
 
@@ -131,8 +162,10 @@ def predict_slices(
     segment: SegmentFn,
     batch_size: int = 16,
     progress: bool = True,
+    volume_ids: np.ndarray | None = None,
+    min_volume_px: int = 0,
 ) -> SlicePredictions:
-    """End-to-end pipeline on every slice, then the segmenter alone on every slice."""
-    probabilities, flagged, pipeline_masks = run_pipeline(pipeline, images, batch_size, progress)
-    segmenter_masks = run_segmenter(segment, images, batch_size, progress)
+    """End-to-end pipeline on every slice (per volume with `volume_ids`), then the segmenter alone."""
+    probabilities, flagged, pipeline_masks = run_pipeline(pipeline, images, batch_size, progress, volume_ids)
+    segmenter_masks = run_segmenter(segment, images, batch_size, progress, volume_ids, min_volume_px)
     return SlicePredictions(probabilities, flagged, pipeline_masks, segmenter_masks)

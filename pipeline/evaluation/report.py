@@ -142,15 +142,25 @@ def patient_table(slices: pd.DataFrame, masks: np.ndarray, preds: SlicePredictio
 
 
 def classifier_section(slices: pd.DataFrame, threshold: float) -> dict[str, Any]:
-    """Stage-1 slice metrics at the operating point the pipeline actually used.
+    """Stage-1 slice metrics at the operating point the pipeline used, and the gate's own decisions.
 
-    `classification_summary` flags a slice at `probability >= threshold`, the gate of
-    `TumorPipeline`, so its confusion matrix is the pipeline's own decisions (`flagged`);
-    ROC-AUC and PR-AUC come from the probabilities.
+    `classification_summary` flags a slice at `probability >= threshold` (the classifier
+    alone); ROC-AUC and PR-AUC come from the probabilities. `gate` counts the pipeline's
+    decisions (`flagged`), which with the volume-aware gate also include slices next to a
+    confident one.
     """
     labels = slices["has_tumor"].astype(int).to_numpy()
     summary = metrics.classification_summary(labels, slices["probability"].to_numpy(), threshold)
-    summary["positive_rule"] = "the pipeline's gate flags it (probability >= threshold)"
+    summary["positive_rule"] = "probability >= threshold (the classifier alone)"
+    flagged = slices["flagged"].to_numpy().astype(bool)
+    pos = labels.astype(bool)
+    summary["gate"] = {
+        "flagged": int(flagged.sum()),
+        "accuracy": float(np.mean(flagged == pos)),
+        "sensitivity": float(flagged[pos].mean()) if pos.any() else None,
+        "specificity": float((~flagged[~pos]).mean()) if (~pos).any() else None,
+        "flagged_only_by_neighbours": int((flagged & (slices["probability"].to_numpy() < threshold)).sum()),
+    }
     return summary
 
 
@@ -262,7 +272,8 @@ def errors_section(slices: pd.DataFrame) -> dict[str, Any]:
 
 
 def confidence_section(
-    slices: pd.DataFrame, patients: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    slices: pd.DataFrame, patients: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """95% percentile bootstrap CIs, resampling patients with replacement (same seed for every number).
 
@@ -273,7 +284,9 @@ def confidence_section(
     """
     labels = slices["has_tumor"].to_numpy().astype(int)
     probs = slices["probability"].to_numpy()
-    correct = (slices["flagged"].to_numpy().astype(int) == labels).astype(float)  # the gate's decisions
+    # the classifier alone at the threshold, as `classifier_section` (the gate's decisions without one)
+    decided = slices["flagged"].to_numpy() if threshold is None else probs >= threshold
+    correct = (decided.astype(int) == labels).astype(float)
     groups = slices["patient_id"].to_numpy()
     common = {"n_boot": n_boot, "seed": seed, "alpha": CI_ALPHA}
     cis = {
@@ -327,7 +340,7 @@ def build_report(
         "segmenter_tumor_slices": segmenter_section(slices),
         "patient_dice": patient_section(patients),
         "pipeline_errors": errors_section(slices),
-        "confidence_intervals": confidence_section(slices, patients, n_boot, seed),
+        "confidence_intervals": confidence_section(slices, patients, n_boot, seed, threshold),
     }
     report["headline"] = headline(report)
     return _clean(report), slices, patients

@@ -14,6 +14,12 @@ Everything is written inside the output folder OUT:
 `<name>` is the input's file stem; when several inputs share a stem, each of them gets
 `<stem>__<8 hex digits of a hash of its path>` so no output overwrites another.
 
+Volumes: inputs that form a study - files of one folder named `<study>_<n>.<ext>` (the
+Kaggle layout), at least `MIN_VOLUME_SLICES` of them - are diagnosed together, in slice
+order, by `TumorPipeline.predict_volume` (the volume-aware gate and 3D components, as the
+evaluation measures it). Any other input is diagnosed as a single slice, as before;
+`volumes=False` turns the grouping off.
+
 Robustness:
 * a bad input (unreadable, truncated, zero bytes, not an image, absurd size) gets a row with
   its error and the batch goes on; `DiagnosisResult.exit_code` is 0 when every input was
@@ -69,6 +75,7 @@ JOURNAL = ".progress.jsonl"
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR = "masks", "overlays", "gradcam"
 PAIR_MARKER = "pipeline.json"  # written last by `model_io.save_pair`: marks a complete pair
 JOURNAL_VERSION = 1
+MIN_VOLUME_SLICES = 3  # fewer slices of a study are diagnosed one by one
 TUMOUR, NO_TUMOUR = "tumour", "no tumour"
 
 COLUMNS = (
@@ -357,6 +364,42 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, An
 # --------------------------------------------------------------------------- the run
 
 
+def group_volumes(paths: Sequence[Path]) -> list[list[Path]]:
+    """Split `paths` into work units: studies (same folder and `<study>_<n>` stem, at least
+    `MIN_VOLUME_SLICES`, sorted by n) and single slices, each single a unit of its own."""
+    from pipeline.data.index import SLICE_PATTERN
+
+    studies: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
+    for p in paths:
+        match = SLICE_PATTERN.match(p.stem)
+        if match is not None and not match["mask"]:
+            study = match["stem"][: -len(match["slice"]) - 1]
+            studies.setdefault((p.parent, study), []).append((int(match["slice"]), p))
+    volume_of: dict[Path, tuple[Path, str]] = {}
+    for key, members in studies.items():
+        if len(members) >= MIN_VOLUME_SLICES:
+            volume_of.update({p: key for _, p in members})
+    units: list[list[Path]] = []
+    seen: set[tuple[Path, str]] = set()
+    for p in paths:
+        key = volume_of.get(p)
+        if key is None:
+            units.append([p])
+        elif key not in seen:
+            seen.add(key)
+            units.append([q for _, q in sorted(studies[key], key=lambda t: t[0])])
+    return units
+
+
+def _predict_volume(pipe: Any, images: list[np.ndarray]) -> list[Any]:
+    """`pipe.predict_volume` on one study; slice by slice (2D) if the volume route fails."""
+    try:
+        return list(pipe.predict_volume(images))
+    except Exception:  # noqa: BLE001 - e.g. slices of different sizes: fall back to 2D
+        log.warning("volume prediction failed; diagnosing its slices one by one", exc_info=True)
+    return _predict_batch(pipe, images)
+
+
 def _predict_batch(pipe: Any, images: list[np.ndarray]) -> list[Any]:
     """`pipe.predict` on the batch; if it fails, slice by slice so one bad slice cannot sink the others.
 
@@ -405,6 +448,7 @@ def run_diagnosis(
     resume: bool = True,
     progress: bool = True,
     include_masks: bool = False,
+    volumes: bool = True,
 ) -> DiagnosisResult:
     """Diagnose every slice found in `inputs` and write the reports into `out` (module docstring).
 
@@ -417,6 +461,7 @@ def run_diagnosis(
     explain: also write a Grad-CAM overlay per flagged slice.
     resume: skip inputs recorded in OUT's journal by an earlier run with the same settings.
     include_masks: also diagnose the dataset's `*_mask.*` files (skipped by default).
+    volumes: diagnose inputs that form a study together (`group_volumes`, `predict_volume`).
 
     Returns a DiagnosisResult (its `exit_code` is 1 when any input failed). Raises DataError
     for unusable arguments: no input found, OUT a file or holding an input, no model pair.
@@ -453,6 +498,9 @@ def run_diagnosis(
         "threshold": float(pipeline.threshold),
         "seg_threshold": float(getattr(pipeline, "seg_threshold", 0.5)),
         "min_component_px": int(getattr(pipeline, "min_component_px", 0)),
+        "min_volume_px": int(getattr(pipeline, "min_volume_px", 0)),
+        "neighbour_weight": float(getattr(pipeline, "neighbour_weight", 0.0)),
+        "volumes": bool(volumes) and hasattr(pipeline, "predict_volume"),
         "tile_size": int(getattr(pipeline, "tile_size", 0)),
         "explain": bool(explain),
     }
@@ -483,8 +531,20 @@ def run_diagnosis(
         disable=not progress,
         dynamic_ncols=True,
     ) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+        units = group_volumes(todo) if settings["volumes"] else [[p] for p in todo]
+        work: list[tuple[list[Path], bool]] = []
+        singles: list[Path] = []
+        for unit in units:  # single slices travel in batches of batch_size, studies whole
+            if len(unit) > 1:
+                work.append((unit, True))
+            else:
+                singles += unit
+                if len(singles) == batch_size:
+                    work.append((singles, False))
+                    singles = []
+        if singles:
+            work.append((singles, False))
+        for batch, is_volume in work:
             batch_rows: dict[Path, dict[str, Any]] = {}
             loaded: list[tuple[Path, np.ndarray]] = []
             for path in batch:
@@ -492,7 +552,8 @@ def run_diagnosis(
                     loaded.append((path, load_slice(path)))
                 except Exception as exc:  # noqa: BLE001 - DataError, or anything else a file can cause
                     batch_rows[path] = _error_row(path, exc)
-            results = _predict_batch(pipeline, [image for _, image in loaded]) if loaded else []
+            predict = _predict_volume if is_volume else _predict_batch
+            results = predict(pipeline, [image for _, image in loaded]) if loaded else []
             for (path, image), result in zip(loaded, results, strict=True):
                 if isinstance(result, BaseException):
                     batch_rows[path] = _error_row(path, result)

@@ -4,7 +4,11 @@
       -> classifier on every slice, in batches               -> tumour probability
       -> probability >= threshold ? ResUNet, in batches       -> probability map -> mask
                                   : empty mask (the segmenter never sees the slice)
-      -> post-processing (components < min_component_px dropped) and measurements
+      -> post-processing (`pipeline.postprocessing`: components < min_component_px dropped) and measurements
+
+`predict_volume` takes the slices of one patient in slice order and adds the volume steps:
+the neighbour-aware gate (a slice next to a confident one is flagged at a lower score) and
+3D components below `min_volume_px` voxels dropped.
 
 Preprocessing is the one of training because it lives inside the models (their first
 layers, `pipeline.preprocessing`): the pipeline feeds raw pixel values and nothing else.
@@ -36,12 +40,19 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.inference.tiling import predict_tiled
+from pipeline.postprocessing import (
+    CONNECTIVITY_2D,
+    PostprocessParams,
+    gate,
+    postprocess_mask,
+    postprocess_volume,
+)
 from pipeline.preprocessing import FLAIR_CHANNEL
 
-__all__ = ["SliceResult", "TumorPipeline", "brain_mask", "measure", "postprocess_mask"]
+__all__ = ["SliceResult", "TumorPipeline", "brain_mask", "measure"]
 
 BRAIN_THRESHOLD = 10  # FLAIR grey level above which a pixel counts as brain (background is ~0)
-CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity: diagonal neighbours belong to one component
+CONNECTIVITY = CONNECTIVITY_2D  # 8-connectivity: diagonal neighbours belong to one component
 MAX_BATCH_PIXELS = 16 * 512 * 512  # caps a classifier batch of large slices (~50 MB of float32 input)
 
 
@@ -98,21 +109,6 @@ def brain_mask(image: np.ndarray, threshold: int = BRAIN_THRESHOLD) -> np.ndarra
     flair = np.asarray(image)[..., FLAIR_CHANNEL]
     brain = ndimage.binary_opening(flair > threshold, structure=CONNECTIVITY)
     return ndimage.binary_fill_holes(brain)
-
-
-def postprocess_mask(
-    probabilities: np.ndarray, seg_threshold: float = 0.5, min_component_px: int = 0
-) -> np.ndarray:
-    """Probability map (H, W) -> uint8 0/1 mask: `> seg_threshold`, then 8-connected
-    components smaller than `min_component_px` pixels removed."""
-    mask = np.asarray(probabilities) > seg_threshold
-    if min_component_px > 1 and mask.any():
-        labels, n = ndimage.label(mask, structure=CONNECTIVITY)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = sizes >= min_component_px
-        keep[0] = False
-        mask = keep[labels]
-    return mask.astype(np.uint8)
 
 
 def measure(image: np.ndarray, mask: np.ndarray, probability: float, is_tumor: bool) -> SliceResult:
@@ -198,6 +194,8 @@ class TumorPipeline:
     threshold: classifier probability at or above which a slice is flagged and segmented.
     seg_threshold: mask probability above which a pixel is tumour.
     min_component_px: drop predicted tumour regions smaller than this (0 keeps all).
+    min_volume_px: `predict_volume` only: drop 3D regions smaller than this many voxels.
+    neighbour_weight: `predict_volume` only: the volume-aware gate's weight (0: off).
     tile_size: the segmenter's native input side (the training slice size, 256); other sizes
         are tiled (`predict_tiled`).
     batch_size: slices (or tiles) per model call.
@@ -214,12 +212,15 @@ class TumorPipeline:
         tile_size: int = 256,
         batch_size: int = 16,
         tile_overlap: float = 0.25,
+        min_volume_px: int = 0,
+        neighbour_weight: float = 0.0,
     ) -> None:
-        for name, value in (("threshold", threshold), ("seg_threshold", seg_threshold)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if min_component_px < 0:
-            raise ValueError(f"min_component_px must be >= 0, got {min_component_px}")
+        # validates the ranges (ValueError naming the value)
+        self.params = PostprocessParams(
+            threshold=float(threshold), seg_threshold=float(seg_threshold),
+            min_component_px=int(min_component_px), min_volume_px=int(min_volume_px),
+            neighbour_weight=float(neighbour_weight),
+        )
         if batch_size < 1 or tile_size < 1:
             raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
         self.classifier = classifier
@@ -230,6 +231,8 @@ class TumorPipeline:
         self.tile_size = int(tile_size)
         self.batch_size = int(batch_size)
         self.tile_overlap = float(tile_overlap)
+        self.min_volume_px = int(min_volume_px)
+        self.neighbour_weight = float(neighbour_weight)
         self.meta: Any = None
 
     @classmethod
@@ -246,7 +249,7 @@ class TumorPipeline:
 
         pair = load_pair(path)
         settings: dict[str, Any] = {}
-        for key in ("threshold", "seg_threshold", "min_component_px"):
+        for key in ("threshold", "seg_threshold", "min_component_px", "min_volume_px", "neighbour_weight"):
             value = _meta_get(pair.meta, key)
             if value is not None:
                 settings[key] = value
@@ -327,14 +330,43 @@ class TumorPipeline:
         if not images:
             return []
         probabilities = self.classify(images)
-        flagged = [i for i, p in enumerate(probabilities) if p >= self.threshold]
-        masks = {i: np.zeros(images[i].shape[:2], np.uint8) for i in range(len(images))}
+        flagged = np.flatnonzero(gate(probabilities, self.threshold))
+        masks = self._segment_flagged(images, flagged)
+        return [
+            measure(image, masks[i], probabilities[i], bool(gate(probabilities[i], self.threshold)))
+            for i, image in enumerate(images)
+        ]
+
+    def _segment_flagged(self, images: list[np.ndarray], flagged: Sequence[int]) -> list[np.ndarray]:
+        masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
+        flagged = [int(i) for i in flagged]
         if flagged:
             for i, mask in zip(flagged, self.segment_only([images[i] for i in flagged]), strict=True):
                 masks[i] = mask
+        return masks
+
+    def predict_volume(self, images: Sequence[np.ndarray]) -> list[SliceResult]:
+        """`predict` for the slices of ONE patient given in slice order, with the volume steps.
+
+        The gate scores each slice with `neighbour_probabilities` (weight `neighbour_weight`),
+        only slices it flags are segmented, and 3D components below `min_volume_px` voxels
+        are dropped. `SliceResult.probability` stays the classifier's own output;
+        `is_tumor` is the volume gate's decision. All slices must share one size.
+        """
+        images = _check_images(images)
+        if not images:
+            return []
+        if len({image.shape[:2] for image in images}) != 1:
+            raise ValueError("predict_volume needs slices of one size (one patient's study)")
+        probabilities = self.classify(images)
+        params = self.params
+        scores, flagged, _ = postprocess_volume(
+            probabilities, np.zeros((len(images), 1, 1), np.uint8), params
+        )
+        masks = np.stack(self._segment_flagged(images, np.flatnonzero(flagged)))
+        _, _, masks = postprocess_volume(probabilities, masks, params)
         return [
-            measure(image, masks[i], probabilities[i], probabilities[i] >= self.threshold)
-            for i, image in enumerate(images)
+            measure(image, masks[i], probabilities[i], bool(flagged[i])) for i, image in enumerate(images)
         ]
 
     def predict_one(self, image: np.ndarray) -> SliceResult:
@@ -344,6 +376,7 @@ class TumorPipeline:
     def __repr__(self) -> str:
         return (
             f"TumorPipeline(threshold={self.threshold}, seg_threshold={self.seg_threshold}, "
-            f"min_component_px={self.min_component_px}, tile_size={self.tile_size}, "
+            f"min_component_px={self.min_component_px}, min_volume_px={self.min_volume_px}, "
+            f"neighbour_weight={self.neighbour_weight}, tile_size={self.tile_size}, "
             f"batch_size={self.batch_size})"
         )

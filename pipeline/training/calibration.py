@@ -1,15 +1,24 @@
-"""Choose the classifier threshold (and small-blob filter) of the end-to-end pipeline on validation patients.
+"""Choose the pipeline's operating point on the validation patients: gate, 2D and 3D post-processing.
 
-The pipeline gates every slice with the classifier: a slice whose tumour probability is at
-least the threshold goes to the segmenter, every other slice is predicted empty. The
-threshold that maximises the mean per-patient volume Dice of that pipeline on the
-VALIDATION patients is kept (never the test patients); ties go to the threshold closer to
-0.5, then to the smaller `min_component_px`. Per-patient Dice follows `pipeline.metrics`:
-TP/FP/FN summed over the patient's slices, and a patient with no tumour and no predicted
-pixel scores 1 (empty="one").
+The pipeline gates every slice with the classifier, segments the flagged ones and cleans the
+masks (`pipeline.postprocessing`). Calibration searches, on the VALIDATION patients only
+(never the test patients), the grid
 
-The search is cheap: both models run once per validation slice, per-slice TP/FP/FN are
-counted once per `min_component_px`, and each threshold only re-weights those counts.
+* ``threshold``: classifier probability at or above which a slice is segmented;
+* ``neighbour_weight``: the volume-aware gate (a slice scores ``max(p, w * max neighbour p)``);
+* ``min_component_px``: 2D components dropped below this size;
+* ``min_volume_px``: 3D components (over a patient's adjacent slices) dropped below this size,
+
+and keeps the point with the highest mean per-patient volume Dice of the end-to-end pipeline
+run on each patient as a volume (`TumorPipeline.predict_volume`). Ties go to the threshold
+closer to 0.5, then to the plainer post-processing (smaller weight, volume, component).
+Per-patient Dice follows `pipeline.metrics`: TP/FP/FN summed over the patient's slices, and a
+patient with no tumour and no predicted pixel scores 1 (empty="one").
+
+The search is cheap: both models run once per validation slice (the segmenter on every slice,
+which gives the same masks as segmenting the flagged ones only); each candidate gate only
+re-labels the 3D components of each patient once, and every ``min_volume_px`` is read off
+the component sizes of that one labelling.
 """
 
 from __future__ import annotations
@@ -21,10 +30,18 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from pipeline.inference.tumor_pipeline import TumorPipeline, postprocess_mask
-from pipeline.metrics import dice_from_counts, slice_scores
+from pipeline.inference.tumor_pipeline import TumorPipeline
+from pipeline.metrics import dice_from_counts
+from pipeline.postprocessing import (
+    CONNECTIVITY_3D,
+    PostprocessParams,
+    gate,
+    neighbour_probabilities,
+    postprocess_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +52,7 @@ EMPTY = "one"
 class CalibrationResult:
     """The chosen operating point and the validation numbers behind it."""
 
-    threshold: float
-    min_component_px: int
+    params: PostprocessParams
     val_patient_dice: float  # end-to-end mean per-patient Dice at the chosen point
     segmenter_only_patient_dice: float  # every slice segmented, no gating, same post-processing
     classifier: dict[str, Any]
@@ -44,18 +60,25 @@ class CalibrationResult:
     n_slices: int
     grid: pd.DataFrame = field(repr=False)
 
+    @property
+    def threshold(self) -> float:
+        return self.params.threshold
+
+    @property
+    def min_component_px(self) -> int:
+        return self.params.min_component_px
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "threshold": self.threshold,
-            "min_component_px": self.min_component_px,
+            **self.params.to_json(),
             "val_mean_patient_dice": self.val_patient_dice,
             "val_segmenter_only_mean_patient_dice": self.segmenter_only_patient_dice,
             "val_classifier": self.classifier,
             "val_patients": self.n_patients,
             "val_slices": self.n_slices,
             "empty_convention": "a patient with no tumour and no predicted pixel scores 1.0",
-            "selection": "max mean per-patient Dice; ties -> threshold closer to 0.5, "
-            "then smaller min_component_px",
+            "selection": "max mean per-patient Dice of the volume pipeline; ties -> threshold closer "
+            "to 0.5, then smaller neighbour_weight, min_volume_px, min_component_px",
         }
 
 
@@ -65,8 +88,7 @@ def predict_slices(
     """Run both models of `pipe` on every raw uint8 slice (N, H, W, 3), ungated.
 
     Returns the classifier probabilities (N,) and, for each `min_component_px`, the segmenter
-    masks (N, H, W) uint8 0/1 after the pipeline's own post-processing
-    (`postprocess_mask`: probability > seg_threshold, small components dropped). Works
+    masks (N, H, W) uint8 0/1 after the 2D post-processing (`postprocess_mask`). Works
     through `chunk` slices at a time so only masks, not float maps, are kept.
     """
     n = len(images)
@@ -81,49 +103,84 @@ def predict_slices(
     return probs, masks
 
 
-def search_operating_point(
+def _component_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes and true-positive voxels of each 26-connected component of `pred` (S, H, W)."""
+    labels, n = ndimage.label(pred, structure=CONNECTIVITY_3D)
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
+    tps = np.bincount(flat, weights=gt.ravel(), minlength=n + 1)[1:]
+    return sizes, tps
+
+
+def volume_grid(
     probs: np.ndarray,
     masks_by_min_px: dict[int, np.ndarray],
     gt_masks: np.ndarray,
-    patient_ids: np.ndarray,
+    volume_ids: np.ndarray,
     thresholds: tuple[float, ...],
-) -> tuple[pd.DataFrame, pd.Series]:
-    """Grid of (threshold, min_component_px) -> mean per-patient Dice; returns (grid, chosen row).
+    neighbour_weights: tuple[float, ...] = (0.0,),
+    min_volume_px: tuple[int, ...] = (0,),
+) -> pd.DataFrame:
+    """Mean per-patient Dice for every grid point (module doc); one row per point.
 
-    `probs` (N,) classifier probabilities; `masks_by_min_px` maps each min_component_px to the
-    segmenter's 0/1 masks (N, H, W) of every slice; `gt_masks` (N, H, W) 0/1 ground truth;
-    `patient_ids` (N,). A slice is flagged when its probability is >= the threshold (as
-    `TumorPipeline`); the grid also holds a row per min_component_px with threshold NaN:
-    the segmenter alone on every slice.
+    `probs` (N,), `masks_by_min_px` {min_component_px: (N, H, W) 0/1 segmenter masks of every
+    slice}, `gt_masks` (N, H, W), `volume_ids` (N,): the patient (study) of each slice, whose
+    slices must be contiguous and in slice order. Rows with threshold NaN are the segmenter
+    alone (every slice segmented) with the same 2D/3D post-processing.
     """
     probs = np.asarray(probs, dtype=np.float64)
-    codes, uniques = pd.factorize(np.asarray(patient_ids))
-    n_pat = len(uniques)
-    gt_px = np.asarray(gt_masks).reshape(len(gt_masks), -1).sum(axis=1).astype(np.int64)
+    gt = np.asarray(gt_masks) > 0
+    codes, uniques = pd.factorize(np.asarray(volume_ids))
+    if np.any(np.diff(codes) < 0):  # factorize numbers patients by first appearance
+        raise ValueError("the slices of each patient must be contiguous (index order)")
+    spans = [np.flatnonzero(codes == c) for c in range(len(uniques))]
+    gt_total = [int(gt[idx].sum()) for idx in spans]
+    vols = sorted({int(v) for v in min_volume_px})
     rows = []
     for mcp in sorted(masks_by_min_px):
-        counts = slice_scores(gt_masks, masks_by_min_px[mcp], threshold=0.5, empty=EMPTY)
-        tp, fp, fn = (counts[c].to_numpy(np.int64) for c in ("tp", "fp", "fn"))
-        for t in [None, *sorted(set(float(x) for x in thresholds))]:
-            gate = np.ones_like(probs, dtype=bool) if t is None else probs >= t
-            p_tp = np.bincount(codes, weights=tp * gate, minlength=n_pat)
-            p_fp = np.bincount(codes, weights=fp * gate, minlength=n_pat)
-            p_fn = np.bincount(codes, weights=np.where(gate, fn, gt_px), minlength=n_pat)
-            dice = dice_from_counts(p_tp, p_fp, p_fn, EMPTY)
-            rows.append(
-                {
-                    "threshold": t,
+        pred_all = np.asarray(masks_by_min_px[mcp]) > 0
+        cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
+        points = [(None, 0.0)] + [(float(t), float(w)) for w in sorted(set(neighbour_weights))
+                                  for t in sorted(set(thresholds))]
+        for t, w in points:
+            per_vol = np.zeros((len(vols), len(spans), 3))  # tp, fp, fn
+            flagged_total = 0
+            for p_i, idx in enumerate(spans):
+                flagged = (np.ones(len(idx), bool) if t is None
+                           else gate(neighbour_probabilities(probs[idx], w), t))
+                flagged_total += int(flagged.sum())
+                key = (p_i, flagged.tobytes())
+                if key not in cache:
+                    pred = pred_all[idx] & flagged[:, None, None]
+                    cache[key] = _component_counts(pred, gt[idx])
+                sizes, tps = cache[key]
+                for v_i, v in enumerate(vols):
+                    keep = sizes >= max(v, 1)
+                    tp = float(tps[keep].sum())
+                    per_vol[v_i, p_i] = (tp, float(sizes[keep].sum()) - tp, gt_total[p_i] - tp)
+            for v_i, v in enumerate(vols):
+                dice = dice_from_counts(per_vol[v_i, :, 0], per_vol[v_i, :, 1], per_vol[v_i, :, 2], EMPTY)
+                rows.append({
+                    "threshold": t if t is not None else np.nan,
+                    "neighbour_weight": w,
                     "min_component_px": int(mcp),
+                    "min_volume_px": int(v),
                     "mean_patient_dice": float(np.mean(dice)),
-                    "flagged_slices": int(gate.sum()),
-                }
-            )
-    grid = pd.DataFrame(rows)
+                    "fp_px": float(per_vol[v_i, :, 1].sum()),
+                    "fn_px": float(per_vol[v_i, :, 2].sum()),
+                    "flagged_slices": flagged_total,
+                })
+    return pd.DataFrame(rows)
+
+
+def choose_point(grid: pd.DataFrame) -> pd.Series:
+    """The best gated row of `volume_grid` under the tie rule of the module doc."""
     gated = grid[grid["threshold"].notna()].copy()
-    gated["_dist"] = (gated["threshold"] - 0.5).abs()
+    gated["_dist"] = (gated["threshold"] - 0.5).abs().round(9)
     gated["_score"] = gated["mean_patient_dice"].round(9)
-    best = gated.sort_values(["_score", "_dist", "min_component_px"], ascending=[False, True, True]).iloc[0]
-    return grid, best.drop(["_dist", "_score"])
+    order = ["_score", "_dist", "neighbour_weight", "min_volume_px", "min_component_px"]
+    best = gated.sort_values(order, ascending=[False, True, True, True, True]).iloc[0]
+    return best.drop(["_dist", "_score"])
 
 
 def classifier_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -144,49 +201,97 @@ def calibrate(
     segmenter: keras.Model,
     images: np.ndarray,
     gt_masks: np.ndarray,
-    patient_ids: np.ndarray,
+    volume_ids: np.ndarray,
     thresholds: tuple[float, ...],
     min_component_px: tuple[int, ...] = (0,),
     seg_threshold: float = 0.5,
     batch_size: int = 16,
+    neighbour_weights: tuple[float, ...] = (0.0,),
+    min_volume_px: tuple[int, ...] = (0,),
 ) -> CalibrationResult:
     """Predict the validation slices with both models and pick the operating point (see module doc).
 
-    `images` raw uint8 (N, H, W, 3), `gt_masks` 0/1 (N, H, W), `patient_ids` (N,): every slice of
-    the validation patients, tumour or not. The models run inside a `TumorPipeline`, so the
-    gate and the post-processing are exactly those of inference and evaluation.
+    `images` raw uint8 (N, H, W, 3), `gt_masks` 0/1 (N, H, W), `volume_ids` (N,): every slice
+    of the validation patients, tumour or not, each patient's slices contiguous and in slice
+    order (the index order). The models run inside a `TumorPipeline`, so the gate and the
+    post-processing are exactly those of inference and evaluation.
     """
     images = np.asarray(images)
-    pipe = TumorPipeline(
-        classifier,
-        segmenter,
-        seg_threshold=seg_threshold,
-        tile_size=int(images.shape[1]),
-        batch_size=batch_size,
-    )
+    pipe = TumorPipeline(classifier, segmenter, seg_threshold=seg_threshold,
+                         tile_size=int(images.shape[1]), batch_size=batch_size)
     mcps = tuple(sorted({int(m) for m in min_component_px}))
     probs, masks = predict_slices(pipe, images, mcps)
-    grid, best = search_operating_point(probs, masks, gt_masks, patient_ids, thresholds)
-    mcp = int(best["min_component_px"])
-    seg_only = grid[grid["threshold"].isna() & (grid["min_component_px"] == mcp)]["mean_patient_dice"].iloc[0]
+    return calibrate_from_predictions(probs, masks, gt_masks, volume_ids, thresholds, seg_threshold,
+                                      neighbour_weights, min_volume_px)
+
+
+def calibrate_from_predictions(
+    probs: np.ndarray,
+    masks_by_min_px: dict[int, np.ndarray],
+    gt_masks: np.ndarray,
+    volume_ids: np.ndarray,
+    thresholds: tuple[float, ...],
+    seg_threshold: float = 0.5,
+    neighbour_weights: tuple[float, ...] = (0.0,),
+    min_volume_px: tuple[int, ...] = (0,),
+) -> CalibrationResult:
+    """`calibrate` after the models have run: `volume_grid`, `choose_point`, the validation numbers."""
+    grid = volume_grid(probs, masks_by_min_px, gt_masks, volume_ids, thresholds, neighbour_weights,
+                       min_volume_px)
+    best = choose_point(grid)
+    params = PostprocessParams(
+        threshold=float(best["threshold"]), seg_threshold=float(seg_threshold),
+        min_component_px=int(best["min_component_px"]), min_volume_px=int(best["min_volume_px"]),
+        neighbour_weight=float(best["neighbour_weight"]),
+    )
+    alone = grid[grid["threshold"].isna() & (grid["min_component_px"] == params.min_component_px)
+                 & (grid["min_volume_px"] == params.min_volume_px)]
     labels = np.asarray(gt_masks).reshape(len(gt_masks), -1).any(axis=1)
     result = CalibrationResult(
-        threshold=float(best["threshold"]),
-        min_component_px=mcp,
+        params=params,
         val_patient_dice=float(best["mean_patient_dice"]),
-        segmenter_only_patient_dice=float(seg_only),
-        classifier=classifier_summary(labels, probs, float(best["threshold"])),
-        n_patients=int(len(set(np.asarray(patient_ids).tolist()))),
-        n_slices=int(len(images)),
+        segmenter_only_patient_dice=float(alone["mean_patient_dice"].iloc[0]),
+        classifier=classifier_summary(labels, probs, params.threshold),
+        n_patients=int(len(set(np.asarray(volume_ids).tolist()))),
+        n_slices=int(len(probs)),
         grid=grid,
     )
     log.info(
-        "calibration on %d validation patients: threshold %.2f, min_component_px %d -> mean per-patient "
-        "Dice %.4f (segmenter alone on every slice: %.4f)",
-        result.n_patients,
-        result.threshold,
-        result.min_component_px,
-        result.val_patient_dice,
-        result.segmenter_only_patient_dice,
+        "calibration on %d validation patients: %s -> mean per-patient Dice %.4f "
+        "(segmenter alone on every slice: %.4f)",
+        result.n_patients, params, result.val_patient_dice, result.segmenter_only_patient_dice,
     )
+    return result
+
+
+def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResult:
+    """Re-choose the operating point of the pair in `pair_dir` on the validation patients of
+    `config.data` and rewrite its `pipeline.json` (the model files, and so their sha256, stay).
+
+    For a pair trained before the volume steps existed, or after changing the grid in
+    `config.calibration`. Writes ``calibration_grid.csv`` beside the pair.
+    """
+    from pathlib import Path
+
+    from pipeline.io_utils import atomic_write_json
+    from pipeline.models.model_io import META_FILE, load_pair
+    from pipeline.training.data_prep import prepare_data
+
+    pair_dir = Path(pair_dir)
+    pair = load_pair(pair_dir)
+    data = prepare_data(config.data)
+    pos = data.val_pos
+    cal = config.calibration
+    result = calibrate(
+        pair.classifier, pair.segmenter,
+        np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos]),
+        data.index["case"].to_numpy()[pos], cal.thresholds, cal.min_component_px, cal.mask_threshold,
+        batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
+    )
+    result.grid.to_csv(pair_dir / "calibration_grid.csv", index=False)
+    meta = dict(pair.meta)
+    meta.update(result.params.to_json())
+    meta["validation"] = {**(meta.get("validation") or {}), **result.to_json()}
+    meta["calibration"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cal).items()}
+    atomic_write_json(pair_dir / META_FILE, meta)
     return result

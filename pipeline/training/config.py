@@ -60,9 +60,9 @@ class ClassifierConfig:
     dropout: float = 0.3
     dense_units: int = 256
     batch_size: int = 32
-    head_epochs: int = 20
+    head_epochs: int = 30
     head_lr: float = 1e-3
-    finetune_epochs: int = 6
+    finetune_epochs: int = 8
     finetune_lr: float = 1e-4
     finetune_mode: str | int = 2  # "all" or the number of top ResNet stages to unfreeze
     class_weighting: bool = True
@@ -75,7 +75,7 @@ class LossConfig:
     """Segmentation loss: a name known to `pipeline.losses.get_loss` and its keyword arguments."""
 
     name: str = "bce_dice"
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"batch_dice": True})
 
 
 @dataclass(frozen=True)
@@ -83,32 +83,54 @@ class AugmentConfig:
     """Train-time augmentation of the segmenter: on/off plus `pipeline.data.augment.AugmentParams` fields."""
 
     enabled: bool = True
-    params: dict[str, Any] = field(default_factory=dict)  # e.g. {p_elastic: 0.0, max_rotation: 10}
+    # AugmentParams overrides; elastic warps are the slowest transform on a CPU, hence 0.2
+    params: dict[str, Any] = field(default_factory=lambda: {"p_elastic": 0.2, "max_rotation": 15.0})
+
+
+@dataclass(frozen=True)
+class CropMixConfig:
+    """Shares of the segmenter's training crops by kind (`pipeline.data.crop_sampler`); normalised."""
+
+    tumor: float = 0.5  # a tumour slice, crop around the tumour
+    random: float = 0.25  # any slice, crop around a random head pixel
+    empty: float = 0.25  # a slice without tumour, hard negatives preferred
+
+
+@dataclass(frozen=True)
+class HardNegativeConfig:
+    """How `empty` crops prefer the normal slices the pipeline would get wrong."""
+
+    reference: str | None = "models"  # pair whose segmenter's false positives place empty crops; null: none
+    weight: float = 4.0  # sampling weight 1 + weight * (classifier probability + reference fires)
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    """Stage 2: ResUNet trained on tumour-positive slices (or all slices)."""
+    """Stage 2: ResUNet trained on a mix of tumour, random and hard-negative crops."""
 
     base_filters: int = 16
     depth: int = 4
     batch_size: int = 16
-    epochs: int = 40
+    epochs: int = 80
     lr: float = 1e-3
     loss: LossConfig = field(default_factory=LossConfig)
-    train_on: str = "tumor"  # "tumor": tumour-positive slices only; "all": every slice
+    # mix: crops by `crop_mix` (tumour / random / empty); tumor: tumour slices only; all: every slice
+    train_on: str = "mix"
+    crop_mix: CropMixConfig = field(default_factory=CropMixConfig)
+    hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
+    monitor: str = "val_patient_dice"  # selection metric, see pipeline.training.selection
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     steps_per_epoch: int | None = None
-    crop_size: int | None = None  # train on random crops (validation and inference stay full size)
+    crop_size: int | None = 128  # train on random crops (validation and inference stay full size)
 
 
 @dataclass(frozen=True)
 class BudgetConfig:
     """Wall-clock minutes per phase; a phase stops after the epoch that would overrun it."""
 
-    classifier_head: float = 8.0
-    classifier_finetune: float = 30.0
-    segmenter: float = 40.0
+    classifier_head: float = 5.0
+    classifier_finetune: float = 22.0
+    segmenter: float = 48.0
 
 
 @dataclass(frozen=True)
@@ -118,10 +140,10 @@ class TrainingConfig:
     policy: str = "auto"  # dtype policy for pipeline.models.precision.apply_policy
     seed: int = 42
     strategy: str = "auto"  # auto | default | mirrored | multi_worker (see pipeline.training.distribute)
-    patience: int = 6  # EarlyStopping patience (epochs without validation improvement)
+    patience: int = 8  # EarlyStopping patience (epochs without validation improvement)
     lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | cosine (CosineDecay over the phase)
     plateau_factor: float = 0.5
-    plateau_patience: int = 2
+    plateau_patience: int = 3
     min_lr: float = 1e-6
     budget_minutes: BudgetConfig = field(default_factory=BudgetConfig)
     verbose: int = 0  # Keras fit output; the trainer logs one line per epoch whatever this says
@@ -134,6 +156,8 @@ class CalibrationConfig:
 
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
     min_component_px: tuple[int, ...] = (0, 10, 30, 60)
+    min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400)
+    neighbour_weights: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
     mask_threshold: float = 0.5
 
 
@@ -158,7 +182,8 @@ class Config:
 
 # Fixed-choice string options: dotted key -> valid values (a typo names them).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "segmenter.train_on": ("tumor", "all"),
+    "segmenter.train_on": ("mix", "tumor", "all"),
+    "segmenter.monitor": ("val_patient_dice", "val_dice", "val_tumor_slice_dice"),
     "training.strategy": ("auto", "default", "mirrored", "multi_worker"),
     "training.lr_schedule": ("plateau", "cosine"),
     "training.policy": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
@@ -291,6 +316,11 @@ def _validate(config: Config, source: str) -> Config:
     _check_augment_params(config.segmenter.augment.params, source)
     if any(not 0.0 < t < 1.0 for t in config.calibration.thresholds) or not config.calibration.thresholds:
         raise ConfigError("calibration.thresholds: need at least one value, each in (0, 1)", [source])
+    cal = config.calibration
+    if any(w < 0 or w > 1 for w in cal.neighbour_weights) or not cal.neighbour_weights:
+        raise ConfigError("calibration.neighbour_weights: need at least one value, each in [0, 1]", [source])
+    if any(v < 0 for v in (*cal.min_volume_px, *cal.min_component_px)) or not cal.min_volume_px:
+        raise ConfigError("calibration.min_volume_px / min_component_px: values must be >= 0", [source])
     return config
 
 

@@ -97,6 +97,7 @@ def fit_phase(
     class_weight: dict[int, float] | None = None,
     started_at: float | None = None,
     fit_kwargs: dict[str, Any] | None = None,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> PhaseResult:
     """Fit a compiled `model` for phase `name` of a stage and write its completion marker.
 
@@ -105,7 +106,8 @@ def fit_phase(
     `train`/`val` are what `model.fit` takes (a `tf.data.Dataset` or a (x, y) tuple for `train`
     with `fit_kwargs` such as ``batch_size``). The best epoch on `monitor` (mode max) is
     saved to `checkpoint_path`; the best value (including `initial_best` and the rows of a
-    run that was interrupted) is returned in the result.
+    run that was interrupted) is returned in the result. `extra_callbacks` run first each
+    epoch, so metrics they add to the logs (`pipeline.training.selection`) can be monitored.
     """
     stage_dir = Path(stage_dir)
     started_at = time.monotonic() if started_at is None else started_at
@@ -139,6 +141,7 @@ def fit_phase(
         save_weights_only=save_weights_only,
         initial_best=best_so_far,
     )
+    callbacks = [*(extra_callbacks or []), *callbacks]
     if epochs > 0:
         kwargs = {"shuffle": False, **(fit_kwargs or {})}  # datasets shuffle themselves
         model.fit(

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from pipeline.io_utils import atomic_write, atomic_write_json
-from pipeline.models.model_io import META_FILE, save_pair
+from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy
 from pipeline.paths import resolve_cache_dir, resolve_data_dir
 from pipeline.training.calibration import calibrate
@@ -120,11 +120,27 @@ def _stage_done(stage_dir: Path, phases: tuple[str, ...]) -> bool:
     return all(read_marker(stage_dir, p) is not None for p in phases)
 
 
-def train_run(config: Config, run_dir: str | os.PathLike, stage: str = "all") -> dict[str, Any]:
+def _classifier_from_pair(pair_dir: Path) -> StageResult:
+    """The classifier of an existing pair (e.g. the release in models/) as this run's stage 1."""
+    pair = load_pair(pair_dir)
+    best = (pair.meta.get("validation") or {}).get("classifier_best_val_auc")
+    log.info("classifier: taken from %s (not trained in this run)", pair_dir)
+    return StageResult(pair.classifier, [], best, "val_auc", [], {"from_pair": str(pair_dir)})
+
+
+def train_run(
+    config: Config,
+    run_dir: str | os.PathLike,
+    stage: str = "all",
+    classifier_from: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Train `stage` ("classifier", "segmenter" or "all") in `run_dir`, resuming whatever is there.
 
     When both stages are trained (now or by an earlier invocation) the classifier threshold
     is calibrated on the validation patients and the pair is saved at the root of `run_dir`.
+    `classifier_from` (a pair folder such as ``models``): with ``stage="segmenter"`` and no
+    classifier trained in this run, that pair's classifier is stage 1 (hard negatives,
+    calibration and the saved pair), so a new segmenter needs no new classifier.
     Returns the run summary (also written to ``summary.json``).
     """
     if stage not in STAGES:
@@ -149,8 +165,11 @@ def train_run(config: Config, run_dir: str | os.PathLike, stage: str = "all") ->
         cls_dir, seg_dir = run_dir / "classifier", run_dir / "segmenter"
         if stage in ("classifier", "all") or _stage_done(cls_dir, ("head", "finetune")):
             results["classifier"] = train_classifier(config, data, cls_dir, strategy)
+        elif classifier_from is not None:
+            results["classifier"] = _classifier_from_pair(project_path(classifier_from))
         if stage in ("segmenter", "all") or _stage_done(seg_dir, ("train",)):
-            results["segmenter"] = train_segmenter(config, data, seg_dir, strategy)
+            classifier = results["classifier"].model if "classifier" in results else None
+            results["segmenter"] = train_segmenter(config, data, seg_dir, strategy, classifier=classifier)
 
         calibration = None
         if "classifier" in results and "segmenter" in results:
@@ -178,17 +197,17 @@ def _calibrate_and_save(
         results["segmenter"].model,
         np.asarray(data.arrays.images[pos]),
         np.asarray(data.arrays.masks[pos]),
-        data.patient_ids[pos],
+        data.index["case"].to_numpy()[pos],  # one volume per study, slices in index (slice) order
         cal.thresholds,
         cal.min_component_px,
         cal.mask_threshold,
         batch_size=config.segmenter.batch_size,
+        neighbour_weights=cal.neighbour_weights,
+        min_volume_px=cal.min_volume_px,
     )
     result.grid.to_csv(run_dir / "calibration_grid.csv", index=False)
     meta = {
-        "threshold": result.threshold,
-        "min_component_px": result.min_component_px,
-        "seg_threshold": cal.mask_threshold,
+        **result.params.to_json(),
         "classifier_image_size": config.classifier.image_size,
         "tile_size": int(data.arrays.image_size[0]),  # what TumorPipeline.from_dir reads
         "segmenter_tile_size": int(data.arrays.image_size[0]),
@@ -199,7 +218,8 @@ def _calibrate_and_save(
         "validation": {
             **result.to_json(),
             "classifier_best_val_auc": results["classifier"].best,
-            "segmenter_best_val_dice": results["segmenter"].best,
+            "segmenter_best": results["segmenter"].best,
+            "segmenter_monitor": results["segmenter"].monitor,
         },
         "durations_minutes": _durations(results),
         "data": data.summary(),

@@ -1,12 +1,17 @@
-"""Stage 2: train the ResUNet on tumour-positive training slices (or all slices).
+"""Stage 2: train the ResUNet on what the pipeline shows it, selected by the pipeline's metric.
 
-The classifier gates which slices reach the segmenter, so by default (``train_on: tumor``)
-the segmenter only learns to outline tumours on slices that have one, as in the design the
-project follows; ``train_on: all`` also shows it empty slices. Validation uses the same
-kind of slices of the validation patients. Loss from the config (default ``bce_dice``; a
-loss with a ``weight_map`` method, such as ``border_bce``, gets its per-pixel weights from
-the dataset), augmentation from the data layer, Dice and IoU as metrics; ``val_dice``
-drives checkpointing, early stopping and the learning rate.
+``train_on: mix`` (default) draws training crops from `pipeline.data.crop_sampler` in the
+configured `segmenter.crop_mix`: around tumours, around random head pixels of any slice, and
+on slices without tumour, preferring hard negatives (normal slices the classifier scores
+high, and the pixels where a reference segmenter fired, `pipeline.training.hard_negatives`).
+The older modes stay available: ``tumor`` (tumour slices only, the course design) and
+``all`` (every slice). Loss from the config (a loss with a ``weight_map`` method, such as
+``border_bce``, gets its per-pixel weights from the dataset).
+
+Selection: with ``segmenter.monitor: val_patient_dice`` (default) every validation slice is
+segmented after each epoch and the mean per-patient Dice of the segmenter alone drives
+checkpointing, early stopping and the learning rate (`pipeline.training.selection`);
+``val_dice`` keeps Keras's Dice over the validation slices of the `train_on` kind.
 """
 
 from __future__ import annotations
@@ -16,29 +21,33 @@ import math
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.data.augment import AugmentParams
+from pipeline.data.crop_sampler import CropMix, make_crop_dataset
 from pipeline.data.dataset import make_dataset
 from pipeline.losses import get_loss
 from pipeline.metrics import DiceMetric, IoUMetric
-from pipeline.models.model_io import load_model, save_model
+from pipeline.models.model_io import SEGMENTER_FILE, load_model, load_pair, save_model
 from pipeline.models.resunet import build_resunet
 from pipeline.training import callbacks as cb
 from pipeline.training.classifier_training import StageResult
-from pipeline.training.config import Config
+from pipeline.training.config import Config, project_path
 from pipeline.training.data_prep import TrainingData
+from pipeline.training.hard_negatives import sampler_pools
 from pipeline.training.phase import fit_phase, make_optimizer, read_marker, write_marker
+from pipeline.training.selection import PipelineSelection
 
 log = logging.getLogger(__name__)
 
 STAGE = "segmenter"
-MONITOR = "val_dice"
 
 
 def segmenter_positions(cfg: Config, data: TrainingData) -> tuple:
     """(train positions, val positions) the segmenter uses under `segmenter.train_on`."""
-    if cfg.segmenter.train_on == "all":
+    if cfg.segmenter.train_on in ("all", "mix"):
         return data.train_pos, data.val_pos
     return data.tumor_positions(data.train_pos), data.tumor_positions(data.val_pos)
 
@@ -49,11 +58,44 @@ def augment_params(cfg: Config) -> AugmentParams:
     return AugmentParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 
+def _reference_segmenter(cfg: Config) -> keras.Model | None:
+    """The segmenter of `segmenter.hard_negatives.reference` (a pair folder), or None when unset or absent."""
+    ref = cfg.segmenter.hard_negatives.reference
+    if not ref:
+        return None
+    path = project_path(ref)
+    if not (path / SEGMENTER_FILE).is_file():
+        log.warning("segmenter: hard-negative reference %s has no %s; empty crops use the classifier only",
+                    path, SEGMENTER_FILE)
+        return None
+    return load_pair(path).segmenter
+
+
+def _mix_dataset(cfg: Config, data: TrainingData, train_pos, stage_dir: Path, classifier, weight_map):
+    s = cfg.segmenter
+    pools = sampler_pools(
+        data.arrays, train_pos, data.index["has_tumor"].to_numpy(bool),
+        classifier=classifier, reference_segmenter=_reference_segmenter(cfg),
+        weight=s.hard_negatives.weight, cache_dir=stage_dir,
+    )
+    mix = CropMix(s.crop_mix.tumor, s.crop_mix.random, s.crop_mix.empty)
+    return make_crop_dataset(
+        data.arrays, pools, mix, batch_size=s.batch_size, crop_size=s.crop_size, seed=cfg.training.seed,
+        augment=s.augment.enabled, augment_params=augment_params(cfg), weight_map=weight_map,
+    )
+
+
 def train_segmenter(
-    cfg: Config, data: TrainingData, stage_dir: Path, strategy: tf.distribute.Strategy
+    cfg: Config, data: TrainingData, stage_dir: Path, strategy: tf.distribute.Strategy,
+    classifier: keras.Model | None = None,
 ) -> StageResult:
-    """Train (or resume) the segmenter in `stage_dir`; returns the best model on validation Dice."""
+    """Train (or resume) the segmenter in `stage_dir`; returns the best model on `segmenter.monitor`.
+
+    `classifier` scores the empty training slices for hard negatives (``train_on: mix``);
+    without one they are weighted by the reference segmenter alone.
+    """
     s, t = cfg.segmenter, cfg.training
+    monitor = s.monitor
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     train_pos, val_pos = segmenter_positions(cfg, data)
@@ -69,7 +111,10 @@ def train_segmenter(
         )
     else:
         started = time.monotonic()
-        steps = max(1, math.ceil(len(train_pos) / s.batch_size))
+        if s.train_on == "mix":  # an epoch = as many crops as there are tumour slices, as before
+            steps = max(1, math.ceil(len(data.tumor_positions(train_pos)) / s.batch_size))
+        else:
+            steps = max(1, math.ceil(len(train_pos) / s.batch_size))
         steps = min(steps, s.steps_per_epoch) if s.steps_per_epoch else steps
         with strategy.scope():
             model = build_resunet(base_filters=s.base_filters, depth=s.depth)
@@ -81,31 +126,26 @@ def train_segmenter(
                 run_eagerly=t.run_eagerly,
             )
         weight_map = getattr(loss, "weight_map", None)  # e.g. border_bce: U-Net border weights per pixel
-        train = make_dataset(
-            data.arrays,
-            train_pos,
-            task="segment",
-            batch_size=s.batch_size,
-            shuffle=True,
-            augment=s.augment.enabled,
-            augment_params=augment_params(cfg),
-            seed=t.seed,
-            repeat=True,
-            weight_map=weight_map,
-            crop_size=s.crop_size,
-        )
-        val = make_dataset(
-            data.arrays,
-            val_pos,
-            task="segment",
-            batch_size=s.batch_size,
-            shuffle=False,
-            augment=False,
-            seed=t.seed,
-            weight_map=weight_map,
-        )
+        if s.train_on == "mix":
+            train = _mix_dataset(cfg, data, train_pos, stage_dir, classifier, weight_map)
+        else:
+            train = make_dataset(
+                data.arrays, train_pos, task="segment", batch_size=s.batch_size, shuffle=True,
+                augment=s.augment.enabled, augment_params=augment_params(cfg), seed=t.seed, repeat=True,
+                weight_map=weight_map, crop_size=s.crop_size,
+            )
+        extra, val, val_steps = [], None, None
+        if monitor == "val_dice" and s.train_on != "mix":
+            val = make_dataset(data.arrays, val_pos, task="segment", batch_size=s.batch_size, shuffle=False,
+                               augment=False, seed=t.seed, weight_map=weight_map)
+            val_steps = math.ceil(len(val_pos) / s.batch_size)
+        else:  # every validation slice, scored like the pipeline (also for monitor val_dice with mix)
+            pos = data.val_pos
+            images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
+            extra = [PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size)]
         log.info(
-            "segmenter: ResUNet base %d depth %d on %d train / %d val slices (%s), loss %s, %d steps/epoch",
+            "segmenter: ResUNet base %d depth %d on %d train / %d val slices (%s), loss %s, %d steps/epoch, "
+            "selection by %s",
             s.base_filters,
             s.depth,
             len(train_pos),
@@ -113,6 +153,7 @@ def train_segmenter(
             s.train_on,
             s.loss.name,
             steps,
+            monitor,
         )
         result = fit_phase(
             model,
@@ -123,14 +164,15 @@ def train_segmenter(
             val=val,
             epochs=s.epochs,
             steps_per_epoch=steps,
-            validation_steps=math.ceil(len(val_pos) / s.batch_size),
-            monitor=MONITOR,
+            validation_steps=val_steps,
+            monitor=monitor,
+            extra_callbacks=extra,
             training=t,
             budget_minutes=t.budget_minutes.segmenter,
             checkpoint_path=stage_dir / "best.keras",
             started_at=started,
         )
-        if not (stage_dir / "best.keras").is_file():  # zero epochs or never a finite val_dice
+        if not (stage_dir / "best.keras").is_file():  # zero epochs or never a finite monitor value
             save_model(model, stage_dir / "best.keras")
         write_marker(stage_dir, result)
     rows = cb.merge_histories([("train", cb.history_path(stage_dir, "train"))], stage_dir / "history.csv")
@@ -139,8 +181,9 @@ def train_segmenter(
         model = load_model(stage_dir / "best.keras")
     info = {
         "train_on": s.train_on,
+        "crop_mix": {"tumor": s.crop_mix.tumor, "random": s.crop_mix.random, "empty": s.crop_mix.empty},
         "loss": s.loss.name,
         "train_slices": int(len(train_pos)),
         "val_slices": int(len(val_pos)),
     }
-    return StageResult(model, [result], result.best, MONITOR, rows, info)
+    return StageResult(model, [result], result.best, monitor, rows, info)

@@ -1,0 +1,50 @@
+"""`calibrate`: re-choose a saved pair's operating point (gate, 2D and 3D post-processing) on the
+validation patients, and rewrite its `pipeline.json`.
+
+    python -m pipeline calibrate --run runs/<timestamp>      # the run's pair, the run's config
+    python -m pipeline calibrate --models /tmp/pair --data-dir DATA
+
+Only the validation patients of the split file are used (never the test patients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.training.config import DEFAULT_CONFIG
+
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", help="a training run folder (its pair and its config.yaml)")
+    where.add_argument("--models", help="a pair folder (calibrated with --config)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="config for --models (default: %(default)s); a run uses its own config.yaml")
+    parser.add_argument("--data-dir",
+                        help="dataset root (default: config, else $LGG_DATA_DIR, else data/kaggle_3m)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set calibration.min_volume_px=[0,100]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.errors import DataError
+    from pipeline.training.calibration import recalibrate_pair
+    from pipeline.training.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pair_dir = Path(args.run or args.models)
+    run_config = pair_dir / "config.yaml"
+    config_file = run_config if args.run and run_config.is_file() else args.config
+    overrides = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    try:
+        result = recalibrate_pair(pair_dir, load_config(config_file, [], overrides))
+    except DataError as exc:
+        logging.getLogger(__name__).error("%s", exc)
+        return 2
+    p = result.params
+    print(f"{pair_dir}: threshold {p.threshold:.2f}, neighbour_weight {p.neighbour_weight}, min_component_px "
+          f"{p.min_component_px}, min_volume_px {p.min_volume_px} -> validation mean per-patient Dice "
+          f"{result.val_patient_dice:.4f} (segmenter alone {result.segmenter_only_patient_dice:.4f})")
+    return 0

@@ -1,0 +1,87 @@
+"""Checkpoint selection of the segmenter by what the pipeline is judged on, not Dice on tumour slices.
+
+`PipelineSelection` runs the segmenter on EVERY validation slice (tumour or not) at the end
+of each epoch and writes into the epoch's logs, before ModelCheckpoint, EarlyStopping and
+ReduceLROnPlateau read them:
+
+* ``val_patient_dice``: mean per-patient volume Dice of the segmenter alone (no gate),
+  TP/FP/FN summed over each patient's slices, a patient with no tumour and no prediction
+  scoring 1. Pixels predicted on normal slices count as false positives, so a model that
+  outlines normal cortex loses here even when it outlines tumours well;
+* ``val_fp_px_empty``: false-positive pixels summed over the validation slices without tumour;
+* ``val_dice``: one Dice over all validation pixels; ``val_tumor_slice_dice``: mean per-slice
+  Dice on tumour slices (the old criterion, logged for comparison only).
+
+`segmenter.monitor` chooses which of these drives selection (`SELECTION_METRICS`).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+
+from pipeline.metrics import dice_from_counts
+
+__all__ = ["SELECTION_METRICS", "PipelineSelection", "volume_counts"]
+
+SELECTION_METRICS = ("val_patient_dice", "val_dice", "val_tumor_slice_dice")
+
+
+def volume_counts(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-slice TP, FP, FN (int64, (N,)) of 0/1 arrays (N, H, W)."""
+    gt, pred = np.asarray(gt) > 0, np.asarray(pred) > 0
+    axes = tuple(range(1, gt.ndim))
+    tp = (gt & pred).sum(axis=axes, dtype=np.int64)
+    fp = (~gt & pred).sum(axis=axes, dtype=np.int64)
+    fn = (gt & ~pred).sum(axis=axes, dtype=np.int64)
+    return tp, fp, fn
+
+
+class PipelineSelection(keras.callbacks.Callback):
+    """Adds the selection metrics (module doc) to each epoch's logs.
+
+    images: uint8 (N, H, W, 3) every validation slice; masks: 0/1 (N, H, W); patient_ids: (N,).
+    Must come before the callbacks that read the metrics (it writes into the shared logs).
+    """
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, patient_ids: np.ndarray,
+                 batch_size: int = 16, seg_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.images = images
+        self.masks = np.asarray(masks)
+        self.codes, self.patients = pd.factorize(np.asarray(patient_ids))
+        self.batch_size = int(batch_size)
+        self.seg_threshold = float(seg_threshold)
+
+    def predict_masks(self) -> np.ndarray:
+        """0/1 masks (N, H, W) of the current model on every validation slice."""
+        n = len(self.images)
+        out = np.zeros(self.masks.shape, np.uint8)
+        for start in range(0, n, self.batch_size):
+            chunk = np.asarray(self.images[start : start + self.batch_size], np.float32)
+            x = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)  # fixed shape: one trace
+            x[: len(chunk)] = chunk
+            prob = np.asarray(self.model.predict_on_batch(x), np.float32)[: len(chunk), ..., 0]
+            out[start : start + len(chunk)] = prob > self.seg_threshold
+        return out
+
+    def scores(self, pred: np.ndarray) -> dict[str, float]:
+        tp, fp, fn = volume_counts(self.masks, pred)
+        n_pat = len(self.patients)
+        per_patient = dice_from_counts(
+            np.bincount(self.codes, tp, n_pat), np.bincount(self.codes, fp, n_pat),
+            np.bincount(self.codes, fn, n_pat), "one",
+        )
+        tumour = (tp + fn) > 0
+        slice_dice = dice_from_counts(tp[tumour], fp[tumour], fn[tumour], "one")
+        return {
+            "val_patient_dice": float(np.mean(per_patient)),
+            "val_fp_px_empty": float(fp[~tumour].sum()),
+            "val_dice": float(dice_from_counts(tp.sum(), fp.sum(), fn.sum(), "one")),
+            "val_tumor_slice_dice": float(np.mean(slice_dice)) if tumour.any() else 1.0,
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self.scores(self.predict_masks()))
