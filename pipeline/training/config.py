@@ -410,11 +410,6 @@ def load_config(
     return _apply_layers({}, layers, overrides)
 
 
-def with_overrides(config: Config, overrides: Iterable[str]) -> Config:
-    """Return `config` with ``section.key=value`` overrides applied (same checks as `load_config`)."""
-    return _apply_layers(config_to_dict(config), [], overrides)
-
-
 def _apply_layers(
     merged: dict[str, Any], layers: list[tuple[str, dict[str, Any]]], overrides: Iterable[str]
 ) -> Config:
@@ -460,21 +455,6 @@ def dump_config(config: Config, path: str | os.PathLike) -> Path:
         fh.write("# Resolved training config of this run (defaults + preset + overrides).\n")
         yaml.safe_dump(config_to_dict(config), fh, sort_keys=False, default_flow_style=None)
     return path
-
-
-def diff_configs(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    out: list[str] = []
-
-    def walk(x: Any, y: Any, prefix: str) -> None:
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), _join(prefix, k))
-        elif x != y:
-            out.append(prefix)
-
-    walk(config_to_dict(a), config_to_dict(b), "")
-    return out
 
 
 def project_path(value: str | os.PathLike) -> Path:
