@@ -67,6 +67,12 @@ def test_run_directory_holds_everything_a_user_needs(interrupted_then_resumed):
         history = pd.read_csv(folder / "history.csv")
         assert metric in history.columns and len(history) > 0
         assert history["stage_epoch"].tolist() == list(range(len(history)))
+    # the segmenter was selected by the configured metric, computed on every validation slice
+    history = pd.read_csv(run_dir / "segmenter" / "history.csv")
+    marker = json.loads((run_dir / "segmenter" / "train.done.json").read_text())
+    assert marker["monitor"] == "val_patient_dice"
+    assert marker["best"] == pytest.approx(history["val_patient_dice"].max())
+    assert {"val_fp_px_empty", "val_tumor_slice_dice"} <= set(history.columns)
     phases = pd.read_csv(run_dir / "classifier" / "history.csv")["phase"].tolist()
     assert phases == ["head", "head", "finetune"]  # quick preset: 2 head epochs, then 1 fine-tuning epoch
 
@@ -81,6 +87,7 @@ def test_run_directory_holds_everything_a_user_needs(interrupted_then_resumed):
     assert meta["backbone_weights"] == "none (trained from scratch)" and meta["trained_from_scratch"] is True
     assert meta["classifier_image_size"] == 32 and meta["tile_size"] == 64
     assert meta["threshold"] == meta["validation"]["threshold"]
+    assert {"min_volume_px", "neighbour_weight", "min_component_px"} <= set(meta)
     assert 0.0 <= meta["validation"]["val_mean_patient_dice"] <= 1.0
     assert set(meta["durations_minutes"]) >= {"classifier_head", "classifier_finetune", "segmenter_train"}
     images = np.zeros((2, 64, 64, 3), np.float32)
@@ -105,6 +112,30 @@ def test_trainer_used_only_train_and_val_patients(interrupted_then_resumed):
     assert train and val and not train & val
     assert {side[p] for p in train} == {"train"} and {side[p] for p in val} == {"val"}
     assert data["test_patients_held_out"] == sum(v == "test" for v in side.values()) > 0
+
+
+@pytest.mark.slow
+def test_the_segmenter_retrains_against_another_pairs_classifier(interrupted_then_resumed, synthetic_root):
+    """`--stage segmenter --classifier-from PAIR`: a new segmenter, the other pair's classifier,
+    selection by the configured metric, and a calibrated pair saved."""
+    from pipeline.models.model_io import load_pair
+
+    work, run_dir, _, second, _ = interrupted_then_resumed
+    assert second.returncode == 0, second.stderr[-3000:]
+    new = work / "segmenter-only"
+    args = quick_args(synthetic_root, work, new, "--stage", "segmenter", "--classifier-from",
+                      str(run_dir), "--set", "segmenter.monitor=val_tumor_slice_dice")
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (new / "classifier").exists()  # no classifier trained in this run
+    marker = json.loads((new / "segmenter" / "train.done.json").read_text())
+    history = pd.read_csv(new / "segmenter" / "history.csv")
+    assert marker["monitor"] == "val_tumor_slice_dice"
+    assert marker["best"] == pytest.approx(history["val_tumor_slice_dice"].max())
+    original, pair = load_pair(run_dir), load_pair(new)
+    for a, b in zip(original.classifier.get_weights(), pair.classifier.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "classifier: taken from" in (new / "train.log").read_text()
 
 
 def test_prepare_data_positions_follow_the_patient_split(synthetic_root, tmp_path):
