@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
     "compare": ("compare", "Paired per-patient comparison of two evaluation folders."),
     "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
+    "notebook": ("notebook", "Execute the exploration notebook on a data root, keeping its outputs."),
     "release": (
         "release",
         "Export a training run's pair to models/ (float16-stored weights, checked, SHA-256).",

@@ -1,4 +1,4 @@
-"""notebooks/exploration.ipynb: committed clean, logic-free, and executed end to end on synthetic data.
+"""notebooks/exploration.ipynb: committed executed and small, logic-free, run end to end on synthetic data.
 
 The slow test runs the notebook with nbclient in a fresh kernel of *this* interpreter (a
 kernelspec written to a temp dir that JUPYTER_PATH puts first), on the synthetic dataset with
@@ -34,13 +34,15 @@ def _code_cells(nb) -> list:
 # --------------------------------------------------------------------------- the committed file
 
 
-def test_committed_notebook_is_valid_and_has_no_outputs():
+def test_committed_notebook_is_valid_small_and_free_of_errors():
+    """It is committed executed on the development copy (`python -m pipeline notebook`), so it reads
+    with its figures on a repository page: at most 3 MB, and no cell may have failed."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata["kernelspec"]["name"] == KERNEL_NAME
+    assert NOTEBOOK.stat().st_size <= 3_000_000
     for cell in _code_cells(nb):
-        assert cell.outputs == [], f"committed with outputs: {cell.source[:60]!r}"
-        assert cell.execution_count is None
+        assert all(out.output_type != "error" for out in cell.outputs), cell.source[:60]
 
 
 def test_notebook_defines_no_logic_of_its_own():

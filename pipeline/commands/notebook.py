@@ -1,0 +1,55 @@
+"""`notebook`: execute notebooks/exploration.ipynb on a real data root and keep its outputs.
+
+    python -m pipeline notebook --data-dir ../shared/data/kaggle_3m [--models models] [--run RUN]
+
+The notebook reads `LGG_DATA_DIR`, `LGG_MODELS_DIR`, `LGG_RUN_DIR` and `LGG_CACHE_DIR`; this
+command sets them from its flags, runs every cell in a fresh kernel of this interpreter and
+writes the executed notebook back atomically (or to `--out`), so it reads with its figures on
+a repository page. It refuses to write a notebook above `--max-mb` (figures are PNGs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pipeline.paths import PROJECT_ROOT
+
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "exploration.ipynb"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="Kaggle-layout data root the notebook explores")
+    parser.add_argument("--models", default=str(PROJECT_ROOT / "models"),
+                        help="pair folder (default: models/)")
+    parser.add_argument("--run", default=None, help="training run whose curves are shown (default: none)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (default: .cache/)")
+    parser.add_argument("--out", type=Path, default=NOTEBOOK, help="where to write (default: in place)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default: %(default)s)")
+    parser.add_argument("--max-mb", type=float, default=3.0, help="largest notebook written (default: 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import nbformat
+    from nbclient import NotebookClient
+
+    from pipeline.io_utils import atomic_write
+
+    env = {"LGG_DATA_DIR": args.data_dir, "LGG_MODELS_DIR": args.models, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if args.run:
+        env["LGG_RUN_DIR"] = args.run
+    if args.cache_dir:
+        env["LGG_CACHE_DIR"] = args.cache_dir
+    os.environ.update(env)  # the kernel inherits this process's environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=args.timeout, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    text = nbformat.writes(nb)
+    size_mb = len(text.encode("utf-8")) / 1e6
+    if size_mb > args.max_mb:
+        print(f"error: the executed notebook is {size_mb:.1f} MB, above --max-mb {args.max_mb}; not written")
+        return 2
+    with atomic_write(args.out, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    print(f"{args.out}: executed, {size_mb:.2f} MB")
+    return 0
