@@ -156,7 +156,7 @@ class CalibrationConfig:
 
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
     min_component_px: tuple[int, ...] = (0, 10, 30, 60)
-    min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400)
+    min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400, 800)
     neighbour_weights: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
     mask_threshold: float = 0.5
 
