@@ -11,7 +11,9 @@ RUN ?=
 ARGS ?=
 INPUT ?=
 OUT ?= diagnosis
-DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+# A value with a space (OUT="my results") is passed to the shell in double quotes.
+quoted = $(if $(word 2,$(1)),"$(1)",$(1))
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(call quoted,$(DATA_DIR)),)
 
 .PHONY: venv test lint index weights train evaluate diagnose bench release clean
 
@@ -40,14 +42,15 @@ train: $(STAMP)
 	$(PY) -m pipeline train --config $(CONFIG) $(DATA_FLAG) $(ARGS)
 
 evaluate: $(STAMP)
-	$(PY) -m pipeline evaluate $(DATA_FLAG) $(if $(RUN),--run $(RUN),) $(ARGS)
+	$(PY) -m pipeline evaluate $(DATA_FLAG) $(if $(RUN),--run $(call quoted,$(RUN)),) $(ARGS)
 
+# INPUT is a list (files, folders, globs expanded by the program), so it stays unquoted; OUT is one folder.
 diagnose: $(STAMP)
 	@test -n "$(INPUT)" || (echo "usage: make diagnose INPUT=<files|folders|globs> OUT=<folder>" >&2; exit 2)
-	$(PY) -m pipeline diagnose $(INPUT) --out $(OUT) $(ARGS)
+	$(PY) -m pipeline diagnose $(INPUT) --out $(call quoted,$(OUT)) $(ARGS)
 
 release: $(STAMP)
-	$(PY) -m pipeline release $(if $(RUN),--run $(RUN),) $(ARGS)
+	$(PY) -m pipeline release $(if $(RUN),--run $(call quoted,$(RUN)),) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pipeline bench $(ARGS)

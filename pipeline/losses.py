@@ -1,12 +1,15 @@
-"""Training losses for the segmenter (and BCE for the classifier), plus U-Net border weight maps.
+"""Training losses for the segmenter, plus U-Net border weight maps.
+
+The classifier does not use this module: it trains with Keras's own `BinaryCrossentropy`
+(`pipeline.training.classifier_training`).
 
 Every loss is a registered `keras.losses.Loss`, so a compiled `.keras` file reloads with
 `keras.models.load_model(path)` (safe mode, no `custom_objects`) once this module is imported.
 All arithmetic is float32: inputs are cast first, because under `mixed_bfloat16` a bfloat16
 sum over 65k pixels keeps only ~3 significant digits.
 
-Shapes: `y_true` and `y_pred` are (B, H, W, 1) masks/probabilities for the segmenter, or
-(B, 1) labels/probabilities for the classifier (cross-entropy only).
+Shapes: `y_true` and `y_pred` are (B, H, W, 1) masks/probabilities; the cross-entropy losses
+also accept (B, 1) labels/probabilities.
 
 - Cross-entropy losses (`BCELoss`, `BorderWeightedBCE`) return a **per-pixel** loss
   (B, H, W) (the mean over the last, channel axis), so a per-pixel `sample_weight` of shape

@@ -22,7 +22,7 @@ patient's slices and computes one volume Dice per patient (the protocol of Buda 
 
 Keras metrics (`DiceMetric`, `IoUMetric`) accumulate TP/FP/FN over every batch of an epoch
 in float32 variables and report one global score for the epoch (not a mean of batch
-scores); `SliceDiceMetric` averages per-slice Dice with `empty="one"`.
+scores).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "BootstrapCI",
     "DiceMetric",
     "IoUMetric",
-    "SliceDiceMetric",
     "bootstrap_ci",
     "classification_summary",
     "confusion_counts",
@@ -407,32 +406,3 @@ class IoUMetric(_EpochCountsMetric):
 
     def result(self):
         return self._score(self.tp, self.tp + self.fp + self.fn)
-
-
-@keras.saving.register_keras_serializable(package="pipeline")
-class SliceDiceMetric(keras.metrics.Metric):
-    """Mean of per-slice hard Dice over the epoch, each slice scored with `empty="one"`.
-
-    Equals `slice_scores(...)["dice"].mean()` over all slices seen; ignores sample_weight.
-    """
-
-    def __init__(self, threshold: float = 0.5, name: str = "slice_dice", dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.threshold = float(threshold)
-        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        truth, pred = _binarise(y_true, y_pred, self.threshold)
-        axes = tuple(range(1, len(pred.shape)))
-        tp = ops.sum(truth * pred, axis=axes)
-        denominator = ops.sum(truth, axis=axes) + ops.sum(pred, axis=axes)
-        dice = ops.where(denominator > 0, ops.divide_no_nan(2.0 * tp, denominator), 1.0)
-        self.total.assign_add(ops.sum(dice))
-        self.count.assign_add(ops.cast(ops.shape(dice)[0], "float32"))
-
-    def result(self):
-        return ops.divide_no_nan(self.total, self.count)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "threshold": self.threshold}

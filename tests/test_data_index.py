@@ -11,6 +11,7 @@ import tifffile
 
 from pipeline.cli import main as cli_main
 from pipeline.data import index as index_module
+from pipeline.data import readers
 from pipeline.data.index import COLUMNS, index_dataset, patient_id_of, summarize
 from pipeline.data.tiff_io import read_image, read_mask
 from pipeline.errors import DataError
@@ -91,6 +92,30 @@ def test_images_pair_with_masks_by_stem(index_df):
 def test_patient_id_is_first_three_parts(index_df):
     assert patient_id_of("TCGA_CS_4941_19960909") == "TCGA_CS_4941"
     assert (index_df["patient_id"] == index_df["case"].map(patient_id_of)).all()
+    # one rule for the index and for inference (which also looks at the file name)
+    assert (index_df["image_path"].map(readers.patient_id_from_name) == index_df["patient_id"]).all()
+
+
+def test_one_reader_registry_for_training_and_inference(index_df, tmp_path, monkeypatch):
+    from pipeline.inference.image_loading import load_slice
+
+    path = index_df["image_path"].iloc[0]
+    assert isinstance(readers.reader_for(path), readers.TiffReader)
+    assert isinstance(readers.reader_for("x.JPEG"), readers.PillowReader)
+    np.testing.assert_array_equal(read_image(path), load_slice(path))  # same decoder, same channel order
+    with pytest.raises(DataError, match=r"unsupported file type '\.nii'.*\.tif"):
+        readers.reader_for("brain.nii")
+
+    class FakeVolumeReader(readers.SliceReader):
+        name, suffixes = "fake volume", (".nii",)
+
+        def read(self, path):
+            return np.full((16, 16), 7, np.uint8)
+
+    monkeypatch.setattr(readers, "READERS", list(readers.READERS))
+    readers.register_reader(FakeVolumeReader())
+    (tmp_path / "brain.nii").write_bytes(b"x")
+    assert load_slice(tmp_path / "brain.nii").shape == (16, 16, 3)
 
 
 def test_second_call_uses_cache_and_a_changed_file_invalidates_it(
@@ -138,7 +163,7 @@ def _mask_without_image(root):
 def _zero_byte_image(root):
     image, _ = slice_paths(root, 0, 1)
     image.write_bytes(b"")
-    return image, "zero-byte"
+    return image, "zero bytes"
 
 
 def _truncated_image(root):

@@ -13,9 +13,7 @@ from pipeline.data.splits import (
     ensure_splits,
     load_splits,
     make_splits,
-    patient_kfold,
     positions_for_split,
-    rows_for_split,
     save_splits,
     split_table,
 )
@@ -48,9 +46,10 @@ def test_every_patient_in_exactly_one_split(index_df):
     assert splits["patient_id"].is_unique
     assert set(splits["split"]) <= set(SPLIT_NAMES)
     assert_no_leakage(splits)
-    parts = [set(rows_for_split(index_df, splits, n)["patient_id"]) for n in SPLIT_NAMES]
+    rows = [index_df.iloc[positions_for_split(index_df, splits, n)] for n in SPLIT_NAMES]
+    parts = [set(r["patient_id"]) for r in rows]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
-    assert sum(len(rows_for_split(index_df, splits, n)) for n in SPLIT_NAMES) == len(index_df)
+    assert sum(len(r) for r in rows) == len(index_df)
 
 
 def test_each_split_gets_tumour_patients_and_slices(index_df):
@@ -160,23 +159,9 @@ def test_positions_for_split_index_the_rows(index_df):
     for name in SPLIT_NAMES:
         positions = positions_for_split(index_df, splits, name)
         assert positions.dtype == np.int64
-        assert index_df.iloc[positions].equals(rows_for_split(index_df, splits, name))
+        members = set(splits.loc[splits["split"] == name, "patient_id"])
+        assert index_df.iloc[positions].equals(index_df[index_df["patient_id"].isin(members)])
         all_positions.extend(positions.tolist())
     assert sorted(all_positions) == list(range(len(index_df)))
     with pytest.raises(ValueError, match="valid"):
-        rows_for_split(index_df, splits, "validation")
-
-
-def test_patient_kfold_partitions_patients():
-    df = fake_index(n_patients=20)
-    folds = list(patient_kfold(df, k=5, seed=0))
-    assert len(folds) == 5
-    val_sets = [set(val) for _, val in folds]
-    for train, val in folds:
-        assert not set(train) & set(val)
-        assert set(train) | set(val) == set(df["patient_id"])
-    assert sorted(p for v in val_sets for p in v) == sorted(df["patient_id"].unique())
-    again = [set(v) for _, v in patient_kfold(df, k=5, seed=0)]
-    assert again == val_sets
-    with pytest.raises(ValueError, match="between 2"):
-        next(patient_kfold(df, k=50))
+        positions_for_split(index_df, splits, "validation")

@@ -24,6 +24,7 @@ from pipeline.inference.image_loading import (
     patient_id_from_name,
 )
 from pipeline.inference.tumor_pipeline import TumorPipeline
+from pipeline.paths import PairSource, resolve_pair
 from tests.inference_helpers import expected_mask, file_hashes, slice_images, stub_pipeline
 from tests.synthetic import make_slice
 
@@ -152,12 +153,14 @@ def test_patient_id_from_file_or_folder_name():
     assert patient_id_from_name("scans/brain_01.png") is None
 
 
-def test_output_names_are_unique_when_stems_repeat(tmp_path):
+def test_output_names_are_unique_per_input_path(tmp_path):
     a, b, c = tmp_path / "a" / "scan.tif", tmp_path / "b" / "SCAN.png", tmp_path / "b" / "other.tif"
     names = output_names([a, b, c])
-    assert names[c] == "other" and len(set(names.values())) == 3
-    assert names[a].startswith("scan__") and names[b].startswith("SCAN__")
+    assert len({n.lower() for n in names.values()}) == 3  # also on case-insensitive file systems
+    assert names[a].startswith("scan__") and names[b].startswith("SCAN__") and names[c].startswith("other__")
     assert output_names([a, b, c]) == names  # deterministic: a resumed run reuses them
+    assert output_names([c]) == {c: names[c]}  # independent of the other inputs, so of the run
+    assert output_names([tmp_path / "x y+z.png"])[tmp_path / "x y+z.png"].startswith("x_y_z__")
 
 
 # --------------------------------------------------------------------------- the batch run
@@ -376,20 +379,25 @@ def test_out_holding_an_input_or_being_a_file_is_refused(synthetic_root, tmp_pat
 
 
 def test_models_dir_resolution(tmp_path):
+    """The rule shared with evaluate: --models > --run > models/ > the latest run with a pair."""
+    where = {"runs_dir": tmp_path / "runs", "default_models": tmp_path / "models"}
     with pytest.raises(DataError, match="make train"):
-        resolve_models_dir(None, project_root=tmp_path)
+        resolve_pair(**where)
     for run in ("20240101-000000", "20240202-000000"):
         (tmp_path / "runs" / run).mkdir(parents=True)
         (tmp_path / "runs" / run / "pipeline.json").write_text("{}")
-    assert resolve_models_dir(None, project_root=tmp_path).name == "20240202-000000"
+    assert resolve_pair(**where).pair_dir.name == "20240202-000000"
     (tmp_path / "runs" / "LATEST").write_text("20240101-000000\n")
-    assert resolve_models_dir(None, project_root=tmp_path).name == "20240101-000000"
+    assert resolve_pair(**where).pair_dir.name == "20240101-000000"
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "pipeline.json").write_text("{}")
-    assert resolve_models_dir(None, project_root=tmp_path) == tmp_path / "models"
-    assert resolve_models_dir(tmp_path / "runs" / "20240202-000000") == tmp_path / "runs" / "20240202-000000"
+    assert resolve_pair(**where).pair_dir == tmp_path / "models"
+    run = tmp_path / "runs" / "20240202-000000"
+    assert resolve_pair(run, **where).pair_dir == run
+    assert resolve_pair(run=run, **where) == PairSource(run, run)
+    assert resolve_models_dir(run) == run  # the name pipeline.benchmarks uses
     with pytest.raises(DataError, match="not a model pair"):
-        resolve_models_dir(tmp_path / "runs")
+        resolve_pair(tmp_path / "runs", **where)
 
 
 def test_slices_of_a_study_are_diagnosed_as_one_volume(synthetic_root, tmp_path):

@@ -16,6 +16,7 @@ from pipeline.errors import DataError
 from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.predictions import predict_slices
 from pipeline.evaluation.report import build_report, confidence_section, patient_table, slice_table
+from pipeline.paths import resolve_pair
 from tests.evaluation_helpers import (
     SIZE,
     StubPipeline,
@@ -240,26 +241,29 @@ def test_bootstrap_roc_auc_equals_scikit_learn_with_ties():
 
 def _fake_pair(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ev.PAIR_META).write_text("{}")
+    (folder / "pipeline.json").write_text("{}")
     return folder
 
 
-def test_model_selection_prefers_flags_then_latest_run_then_models(tmp_path):
+def test_model_selection_prefers_flags_then_models_then_the_latest_run(tmp_path):
+    """The rule diagnose shares (`pipeline.paths.resolve_pair`): --models > --run > models/ > latest run."""
     runs, models = tmp_path / "runs", tmp_path / "models"
     with pytest.raises(DataError, match="make train"):
-        ev.resolve_models(runs_dir=runs, default_models=models)
-    _fake_pair(models)
-    assert ev.resolve_models(runs_dir=runs, default_models=models) == ev.ModelSource(models)
+        resolve_pair(runs_dir=runs, default_models=models)
     old = _fake_pair(runs / "run_old" / "pair").parent
     new = _fake_pair(runs / "run_new")
     os.utime(old, (time.time() - 100, time.time() - 100))
-    assert ev.resolve_models(runs_dir=runs, default_models=models) == ev.ModelSource(new, new)
+    assert resolve_pair(runs_dir=runs, default_models=models) == ev.ModelSource(new, new)
     (runs / "LATEST").write_text("run_old\n")
-    assert ev.resolve_models(runs_dir=runs, default_models=models) == ev.ModelSource(old / "pair", old)
-    assert ev.resolve_models(run=new, runs_dir=runs, default_models=models).pair_dir == new
-    assert ev.resolve_models(models=models, runs_dir=runs, default_models=models).run_dir is None
+    assert resolve_pair(runs_dir=runs, default_models=models) == ev.ModelSource(old / "pair", old)
+    _fake_pair(models)  # the committed release wins over every run
+    assert resolve_pair(runs_dir=runs, default_models=models) == ev.ModelSource(models)
+    assert resolve_pair(run=new, runs_dir=runs, default_models=models) == ev.ModelSource(new, new)
+    assert resolve_pair(models=models, runs_dir=runs, default_models=models).run_dir is None
     with pytest.raises(DataError, match="no model pair"):
-        ev.resolve_models(run=tmp_path / "empty_run", runs_dir=runs, default_models=models)
+        resolve_pair(run=tmp_path / "empty_run", runs_dir=runs, default_models=models)
+    with pytest.raises(DataError, match="not both"):
+        resolve_pair(models=models, run=new, runs_dir=runs, default_models=models)
 
 
 def test_splits_file_defaults_to_the_runs_copy(tmp_path):
@@ -318,7 +322,7 @@ def test_cli_split_all_on_an_unseen_root_with_the_tiny_pair(tiny_pair, synthetic
 
 
 @pytest.mark.slow
-def test_defaults_pick_the_latest_run_its_split_copy_and_its_folder(tiny_pair, synthetic_root, tmp_path):
+def test_without_models_dir_the_latest_run_its_split_copy_and_its_folder(tiny_pair, synthetic_root, tmp_path):
     runs = tmp_path / "runs"
     run = runs / "20260101-000000"
     shutil.copytree(tiny_pair, run)

@@ -13,7 +13,6 @@ from sklearn import metrics as skm
 from pipeline.metrics import (
     DiceMetric,
     IoUMetric,
-    SliceDiceMetric,
     bootstrap_ci,
     classification_summary,
     confusion_counts,
@@ -182,8 +181,7 @@ def _batches(seed=0, n=3):
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
 def test_keras_metrics_equal_numpy_over_several_batches(threshold):
     batches = _batches()
-    metrics = [DiceMetric(threshold=threshold), IoUMetric(threshold=threshold),
-               SliceDiceMetric(threshold=threshold)]
+    metrics = [DiceMetric(threshold=threshold), IoUMetric(threshold=threshold)]
     for truth, probs in batches:
         for metric in metrics:
             metric.update_state(truth, probs)
@@ -191,8 +189,6 @@ def test_keras_metrics_equal_numpy_over_several_batches(threshold):
     probs = np.concatenate([b[1] for b in batches])
     assert _keras_value(metrics[0]) == pytest.approx(dice_score(truth, probs, threshold), rel=1e-6)
     assert _keras_value(metrics[1]) == pytest.approx(iou_score(truth, probs, threshold), rel=1e-6)
-    expected_slice = slice_scores(truth, probs, threshold, empty="one")["dice"].mean()
-    assert _keras_value(metrics[2]) == pytest.approx(expected_slice, rel=1e-6)
     # the global Dice is not the mean of per-batch Dice
     batch_mean = np.mean([dice_score(t, p, threshold) for t, p in batches])
     assert _keras_value(metrics[0]) != pytest.approx(batch_mean, rel=1e-6)
@@ -215,16 +211,15 @@ def test_keras_metrics_reset_ignore_weights_and_accept_bfloat16():
 def test_keras_metric_in_a_compiled_model_matches_numpy():
     inputs = keras.Input((3, 3, 1))
     model = keras.Model(inputs, keras.layers.Identity()(inputs))
-    model.compile(loss="mse", metrics=[DiceMetric(), IoUMetric(), SliceDiceMetric()])
+    model.compile(loss="mse", metrics=[DiceMetric(), IoUMetric()])
     x = np.stack([A, B, EMPTY]).astype(np.float32)[..., None]
     y = np.stack([B, B, EMPTY]).astype(np.float32)[..., None]
     result = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
     assert result["dice"] == pytest.approx(dice_score(y, x), rel=1e-6)
     assert result["iou"] == pytest.approx(iou_score(y, x), rel=1e-6)
-    assert result["slice_dice"] == pytest.approx((6 / 9 + 1 + 1) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("cls", [DiceMetric, IoUMetric, SliceDiceMetric])
+@pytest.mark.parametrize("cls", [DiceMetric, IoUMetric])
 def test_metric_serialisation_round_trip(cls):
     metric = cls(threshold=0.3, name="custom")
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(metric))
@@ -238,7 +233,7 @@ def test_model_compiled_with_metrics_reloads_in_safe_mode(tmp_path):
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="sgd", loss="binary_crossentropy",
-                  metrics=[DiceMetric(threshold=0.4), IoUMetric(), SliceDiceMetric()])
+                  metrics=[DiceMetric(threshold=0.4), IoUMetric()])
     truth, probs = _batches(n=1)[0]
     model.evaluate(probs, truth, verbose=0)  # builds the compiled metrics
     path = tmp_path / "tiny.keras"
@@ -247,7 +242,7 @@ def test_model_compiled_with_metrics_reloads_in_safe_mode(tmp_path):
     before = model.evaluate(probs, truth, verbose=0, return_dict=True)
     after = loaded.evaluate(probs, truth, verbose=0, return_dict=True)
     assert after == pytest.approx(before)
-    assert {"dice", "iou", "slice_dice"} <= set(after)
+    assert {"dice", "iou"} <= set(after)
 
 
 # --------------------------------------------------------------------------- classification

@@ -148,7 +148,8 @@ def test_float16_release_loads_as_float32_models_within_tolerance(run_dir, relea
     assert np.mean((seg_new > 0.5) == (seg_ref > 0.5)) >= 0.995
 
     info = pair.meta["release"]
-    assert info["weights_dtype"] == "float16" and info["source_run"] == str(run_dir)
+    assert info["weights_dtype"] == "float16" and release["source_run"] == str(run_dir)
+    assert "source_run" not in info  # a run outside the project: its absolute path is not recorded
     assert set(info["max_abs_diff"]) == {"classifier", "segmenter"}
     assert info["max_abs_diff"]["classifier"] <= 1e-2 and info["mask_agreement"] >= 0.995
     # The run's metadata travels with the release; the split file is the run's.
@@ -197,7 +198,7 @@ def test_sha256sums_lists_every_file_and_matches(release):
     listed = dict(reversed(line.split("  ", 1)) for line in lines)
     assert set(listed) == RELEASE_FILES
     assert all(listed[name] == sha256_of(out / name) for name in listed)
-    meta_hashes = read_pair_meta(out)["sha256"]
+    meta_hashes = read_pair_meta(out).sha256
     assert meta_hashes == {n: listed[n] for n in (CLASSIFIER_FILE, SEGMENTER_FILE, SPLITS_FILE)}
     assert verify_release(out) == listed
     if shutil.which("sha256sum"):
@@ -347,3 +348,43 @@ def test_the_probe_batch_is_deterministic_and_half_of_it_has_a_tumour():
     flair = a[..., 1].reshape(6, -1).astype(float)
     excess = [f.max() - np.median(f[f > 0]) for f in flair]  # brightest pixel above the head's level
     assert [e > 45 for e in excess] == [False, True] * 3  # odd slices carry the bright blob
+
+
+# --------------------------------------------------------------------------- the pair artifact
+
+
+def test_the_committed_release_reads_as_a_pair_artifact():
+    from pipeline.paths import PROJECT_ROOT
+
+    artifact = read_pair_meta(PROJECT_ROOT / "models")
+    assert artifact.pipeline_settings() == {
+        "threshold": 0.45, "seg_threshold": 0.5, "min_component_px": 30, "min_volume_px": 0,
+        "neighbour_weight": 0.0, "tile_size": 256,
+    }  # fmt: skip
+    assert (artifact.classifier_image_size, artifact.policy, artifact.verified) == (128, "float32", True)
+    assert {"validation", "data", "config", "release", "durations_minutes", "versions"} <= set(artifact.extra)
+    assert set(artifact.sha256) == {CLASSIFIER_FILE, SEGMENTER_FILE, SPLITS_FILE}
+
+
+def test_saved_and_released_pairs_record_no_absolute_machine_paths(tmp_path):
+    import json
+
+    from pipeline.models.model_io import save_pair
+    from pipeline.paths import PROJECT_ROOT
+    from tests.model_helpers import make_tiny_segmenter
+
+    inside = str(PROJECT_ROOT / "runs" / "20250103-000000")
+    data = {"data_dir": "/elsewhere/kaggle_3m", "splits_file": inside + "/splits.csv"}
+    meta = {"threshold": 0.4, "seg_threshold": 0.5, "min_component_px": 0, "tile_size": 64, "run_dir": inside,
+            "data": data, "config": {"data": {"cache_dir": str(PROJECT_ROOT / ".cache"), "seed": 1}}}
+    run = save_pair(tmp_path / "run", _mini_classifier(), make_tiny_segmenter(), meta)
+    written = json.loads((run / META_FILE).read_text())
+    assert written["run_dir"] == "runs/20250103-000000"
+    assert written["data"] == {"splits_file": "runs/20250103-000000/splits.csv"}  # data_dir outside: dropped
+    assert written["config"]["data"] == {"cache_dir": ".cache", "seed": 1}
+    assert written["tile_size"] == written["segmenter_tile_size"] == 64  # one value, mirrored for old readers
+    (run / SPLITS_FILE).write_text(SPLITS_TEXT, encoding="utf-8")
+    out = export_release(run, tmp_path / "models", probe=SMALL_PROBE)["out_dir"]
+    text = (Path(out) / META_FILE).read_text()
+    assert str(tmp_path) not in text and str(PROJECT_ROOT) not in text
+

@@ -2,7 +2,8 @@
 
 Also the console script `lgg-diagnose` (`main`). Exit codes: 0 every input diagnosed,
 1 at least one input failed (its row in report.csv says why), 2 unusable arguments
-(no input found, OUT is a file or contains an input, no trained model pair).
+(no input found, OUT is a file, cannot be written or contains an input, no trained model
+pair or an invalid one: its pipeline.json out of range, missing a key or its sha256 sums).
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUT",
         help="output folder for report.csv/json, patients.csv, masks/ and overlays/",
     )
+    from pipeline.paths import DEFAULT_PAIR_RULE
+
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--models", metavar="DIR", default=None, help=f"trained pair directory ({DEFAULT_PAIR_RULE})"
+    )
+    which.add_argument(
+        "--run", metavar="DIR", default=None, help="a training run directory: use the pair it holds"
+    )
     parser.add_argument(
-        "--models",
-        metavar="DIR",
-        default=None,
-        help="trained pair directory (default: models/ if it holds a pair, else the newest runs/*/)",
+        "--allow-unverified",
+        action="store_true",
+        help="load a pair whose pipeline.json records no sha256 of its model files (refused otherwise)",
     )
     parser.add_argument(
         "--threshold",
@@ -89,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             args.inputs,
             args.out,
             models_dir=args.models,
+            run_dir=args.run,
+            allow_unverified=args.allow_unverified,
             threshold=args.threshold,
             min_component_px=args.min_component_px,
             batch_size=args.batch_size,

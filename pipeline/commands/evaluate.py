@@ -12,12 +12,24 @@ from pipeline.errors import DataError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lgg-pipeline evaluate`."""
+    from pipeline.paths import DEFAULT_PAIR_RULE
+
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--models", metavar="DIR", help="a model pair directory (classifier, segmenter, pipeline.json)"
+        "--models",
+        metavar="DIR",
+        help=f"a model pair directory (classifier, segmenter, pipeline.json) ({DEFAULT_PAIR_RULE})",
     )
-    which.add_argument(
-        "--run", metavar="DIR", help="a training run directory (default: the latest run, else models/)"
+    which.add_argument("--run", metavar="DIR", help="a training run directory: evaluate the pair it holds")
+    parser.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="load a pair whose pipeline.json records no sha256 of its model files (refused otherwise)",
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out slices whose files are bad (missing mask, unreadable, ...) instead of stopping",
     )
     parser.add_argument(
         "--split",
@@ -92,6 +104,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the headline table and where the report is; 2 on bad input."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the figures are written to files only
     from pipeline.evaluation.evaluate import evaluate
 
     if args.batch_size < 1 or args.n_boot < 1:
@@ -114,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             n_boot=args.n_boot,
             seed=args.seed,
             progress=not args.no_progress,
+            skip_bad=args.skip_bad,
+            allow_unverified=args.allow_unverified,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

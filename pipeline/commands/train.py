@@ -95,6 +95,9 @@ def resolve_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, print where the results are; returns the exit code."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the training curves are written to files only
     from pipeline.errors import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

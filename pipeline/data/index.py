@@ -28,6 +28,8 @@ from pipeline.errors import DataError
 from pipeline.io_utils import atomic_save, atomic_write_json
 from pipeline.paths import resolve_cache_dir
 
+from .readers import MASK_SUFFIX, PATIENT_PATTERN, SLICE_PATTERN
+from .readers import patient_id as patient_id_of
 from .tiff_io import read_pair
 
 __all__ = ["COLUMNS", "index_dataset", "summarize", "patient_id_of", "problems_error"]
@@ -35,9 +37,7 @@ __all__ = ["COLUMNS", "index_dataset", "summarize", "patient_id_of", "problems_e
 log = logging.getLogger(__name__)
 
 COLUMNS = ["patient_id", "case", "slice", "image_path", "mask_path", "has_tumor", "tumor_pixels"]
-CASE_PATTERN = re.compile(r"^TCGA_[^_]+_[^_]+(_.+)?$")  # TCGA_<inst>_<patient>_<date>
-SLICE_PATTERN = re.compile(r"^(?P<stem>.+_(?P<slice>\d+))(?P<mask>_mask)?$")
-MASK_SUFFIX = "_mask"
+CASE_PATTERN = re.compile(rf"^{PATIENT_PATTERN.pattern}(_.+)?$")  # TCGA_<inst>_<patient>_<date>
 INDEX_VERSION = 1  # bump when the cached frame's content or meaning changes
 
 
@@ -50,11 +50,6 @@ class Problem:
 
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "problem": self.problem}
-
-
-def patient_id_of(case: str) -> str:
-    """Case folder -> patient id, its first three `_` parts: `TCGA_CS_4941_19960909` -> `TCGA_CS_4941`."""
-    return "_".join(case.split("_")[:3])
 
 
 def problems_error(header: str, problems: list[Problem], footer: str = "") -> DataError:
@@ -265,7 +260,8 @@ def index_dataset(
             raise problems_error(
                 f"bad input under {root}",
                 problems,
-                "Fix or remove these files, or pass skip_bad=True (CLI --skip-bad) to index the rest.",
+                "Fix or remove these files, or leave them out with skip_bad=True: the --skip-bad option "
+                "of `index` and `evaluate` (`train`: --set data.skip_bad=true).",
             )
         log.warning("%s", problems_error(f"skipping bad input under {root}", problems))
         warnings.warn(f"skipping {len(problems)} bad file(s) under {root}: see the log", stacklevel=2)

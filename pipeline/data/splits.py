@@ -1,4 +1,4 @@
-"""Patient-level train/val/test splits: stratified, seeded, written once and reused; K-fold by patient.
+"""Patient-level train/val/test splits: stratified, seeded, written once and reused.
 
 Slices of one patient are strongly correlated, so every split here is by `patient_id`; a slice
 split would leak patients between train and test and inflate every score.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,7 @@ __all__ = [
     "load_splits",
     "assert_no_leakage",
     "ensure_splits",
-    "rows_for_split",
     "positions_for_split",
-    "patient_kfold",
     "split_table",
 ]
 
@@ -201,11 +199,6 @@ def _split_mask(index_df: pd.DataFrame, splits_df: pd.DataFrame, name: str) -> n
     return index_df["patient_id"].isin(members).to_numpy()
 
 
-def rows_for_split(index_df: pd.DataFrame, splits_df: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Rows of `index_df` whose patient is in split `name` ("train", "val" or "test"), index labels kept."""
-    return index_df[_split_mask(index_df, splits_df, name)]
-
-
 def positions_for_split(index_df: pd.DataFrame, splits_df: pd.DataFrame, name: str) -> np.ndarray:
     """Row positions (0-based, int64) of split `name` in `index_df`: the `positions` for `make_dataset`."""
     return np.flatnonzero(_split_mask(index_df, splits_df, name)).astype(np.int64)
@@ -224,21 +217,3 @@ def split_table(index_df: pd.DataFrame, splits_df: pd.DataFrame) -> pd.DataFrame
             "tumour_patients": part.loc[part["has_tumor"], "patient_id"].nunique(),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def patient_kfold(df: pd.DataFrame, k: int = 5, seed: int = 42) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield `k` folds of (train_patients, val_patients) sorted id arrays; every patient is in one val fold.
-
-    Uses scikit-learn's StratifiedGroupKFold on slices (groups = patients, y = has_tumor) so
-    each fold's tumour-slice share stays close to the whole set's.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    groups = df["patient_id"].to_numpy()
-    n_patients = len(np.unique(groups))
-    if not 2 <= k <= n_patients:
-        raise ValueError(f"k must be between 2 and the number of patients ({n_patients}), got {k}")
-    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    y = df["has_tumor"].astype(int).to_numpy()
-    for train_idx, val_idx in folds.split(np.zeros(len(df)), y, groups):
-        yield np.unique(groups[train_idx]), np.unique(groups[val_idx])

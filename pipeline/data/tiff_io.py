@@ -1,47 +1,24 @@
-"""Reading the dataset's TIFF slices and masks with validation; the one reader training and inference share.
+"""The dataset's strict checks on top of the slice readers: an LGG image is uint8 (H, W, 3), a mask 0/255.
 
-Images come back in *file* channel order (pre-contrast, FLAIR, post-contrast) because
-`tifffile` does not reorder channels (unlike `cv2.imread`, which returns BGR).
+Decoding is `pipeline.data.readers.read_array` (the one TIFF reader, `TiffReader`, shared with
+inference); this module only validates what the training index and the array cache accept.
+Inference reads user files with the tolerant `pipeline.inference.image_loading.load_slice`
+(greyscale, alpha, other bit depths converted) through the same readers. Images come back in
+*file* channel order (pre-contrast, FLAIR, post-contrast): `tifffile` does not reorder channels
+(unlike `cv2.imread`, which returns BGR).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from pathlib import Path
 
 import numpy as np
-import tifffile
 
+from pipeline.data.readers import TiffReader, read_array
 from pipeline.errors import DataError
 from pipeline.preprocessing import MASK_THRESHOLD, binarize_mask
 
 __all__ = ["read_image", "read_mask", "read_pair", "tiff_shape"]
-
-
-def _decode(path: str | os.PathLike) -> np.ndarray:
-    """Decode the first page of a TIFF; any failure becomes a DataError naming the file."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"cannot open TIFF ({exc.strerror or exc})", [path]) from exc
-    if size == 0:
-        raise DataError("empty (zero-byte) TIFF file", [path])
-    # tifffile logs (rather than raises) some structural problems; they surface below as
-    # decode errors or empty arrays, so keep its logger quiet during the read.
-    tiff_logger = logging.getLogger("tifffile")
-    level = tiff_logger.level
-    tiff_logger.setLevel(logging.CRITICAL)
-    try:
-        array = tifffile.imread(path)
-    except Exception as exc:  # tifffile/zlib raise many types for damaged files
-        raise DataError(f"unreadable or truncated TIFF ({type(exc).__name__}: {exc})", [path]) from exc
-    finally:
-        tiff_logger.setLevel(level)
-    if array.size == 0:
-        raise DataError("unreadable or truncated TIFF (no pixel data)", [path])
-    return array
 
 
 def _check_uint8(array: np.ndarray, path: str | os.PathLike, what: str) -> None:
@@ -55,7 +32,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises DataError naming `path` for unreadable, truncated or zero-byte files, a shape other
     than (H, W, 3), or a dtype other than uint8.
     """
-    image = _decode(path)
+    image = read_array(path)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise DataError(f"wrong shape for image: {image.shape} (expected H x W x 3)", [path])
     _check_uint8(image, path, "image")
@@ -70,7 +47,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     or a mask whose non-zero values all lie in 1..127 (e.g. 0/1 labels), which binarising
     would silently turn into an empty mask.
     """
-    mask = _decode(path)
+    mask = read_array(path)
     if mask.ndim == 3 and mask.shape[-1] in (1, 3):
         if mask.shape[-1] == 3 and not (
             np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])
@@ -103,8 +80,4 @@ def read_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tu
 
 def tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """Shape of a TIFF's first page read from its header only (no pixel decoding)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return tuple(tif.pages[0].shape)
-    except Exception as exc:
-        raise DataError(f"unreadable TIFF header ({type(exc).__name__}: {exc})", [path]) from exc
+    return TiffReader().shape(path)

@@ -28,98 +28,20 @@ from pipeline.evaluation import figures
 from pipeline.evaluation.predictions import PipelineLike, SegmentFn, SlicePredictions, predict_slices
 from pipeline.evaluation.report import build_report, render_markdown
 from pipeline.io_utils import atomic_write, atomic_write_json
-from pipeline.models.model_io import META_FILE
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import MODELS_DIR, RUNS_DIR, resolve_pair
+from pipeline.paths import PairSource as ModelSource
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = PROJECT_ROOT / "runs"
-MODELS_DIR = PROJECT_ROOT / "models"
-PAIR_META = META_FILE  # pipeline.json: written last by save_pair, so it marks a complete pair
+__all__ = ["ModelSource", "evaluate", "evaluate_pipeline", "write_evaluation"]
+
 SPLITS_FILE = "splits.csv"
 SPLITS = ("test", "val", "train", "all")
 
 
 # --------------------------------------------------------------------------- choosing the models
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the evaluated models come from: the pair directory and, if any, its training run."""
-
-    pair_dir: Path
-    run_dir: Path | None = None
-
-
-def is_pair_dir(path: str | os.PathLike) -> bool:
-    """True if `path` holds a saved classifier/segmenter pair (its `pipeline.json`)."""
-    return (Path(path) / PAIR_META).is_file()
-
-
-def find_pair_dir(run_dir: str | os.PathLike) -> Path | None:
-    """The pair inside a run directory: the run itself, else its newest sub-directory holding one."""
-    run_dir = Path(run_dir)
-    if is_pair_dir(run_dir):
-        return run_dir
-    if not run_dir.is_dir():
-        return None
-    candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_pair_dir(p)]
-    return max(candidates, key=lambda p: (p / PAIR_META).stat().st_mtime, default=None)
-
-
-def latest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path | None:
-    """The latest training run with a model pair: `runs/LATEST` (a file naming it), the `runs/latest`
-    symlink, else the newest `runs/*/` holding a pair. None when there is none."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return None
-    pointer = runs_dir / "LATEST"
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        target = Path(name) if Path(name).is_absolute() else runs_dir / name
-        if name and find_pair_dir(target):
-            return target
-        log.warning("%s names %r, which holds no model pair; looking for the newest run", pointer, name)
-    link = runs_dir / "latest"
-    if link.exists() and find_pair_dir(link):
-        return link.resolve()
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and not p.is_symlink() and find_pair_dir(p)]
-    return max(runs, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def resolve_models(
-    models: str | os.PathLike | None = None,
-    run: str | os.PathLike | None = None,
-    runs_dir: str | os.PathLike = RUNS_DIR,
-    default_models: str | os.PathLike = MODELS_DIR,
-) -> ModelSource:
-    """Pick the models: `models` (a pair dir) > `run` (a run dir) > the latest run > `models/`.
-
-    Raises DataError naming what was looked at when nothing holds a model pair.
-    """
-    if models is not None and run is not None:
-        raise DataError("give either --models or --run, not both", [models, run])
-    if models is not None:
-        models = Path(models)
-        if not is_pair_dir(models):
-            raise DataError(
-                f"not a model pair directory (no {PAIR_META}); expected the output of make train", [models]
-            )
-        return ModelSource(models)
-    if run is not None:
-        pair = find_pair_dir(run)
-        if pair is None:
-            raise DataError(f"no model pair ({PAIR_META}) in this run directory; did the run finish?", [run])
-        return ModelSource(pair, Path(run))
-    latest = latest_run(runs_dir)
-    if latest is not None:
-        return ModelSource(find_pair_dir(latest), latest)
-    if is_pair_dir(default_models):
-        return ModelSource(Path(default_models))
-    raise DataError(
-        "no trained models found: run `make train` first, or pass --models DIR / --run DIR",
-        [runs_dir, default_models],
-    )
+# Which pair: `pipeline.paths.resolve_pair` (`ModelSource` is its `PairSource`), the rule every
+# command shares: --models > --run > models/ > the latest run holding a pair.
 
 
 def resolve_splits_path(
@@ -282,23 +204,14 @@ def evaluate_pipeline(
 # --------------------------------------------------------------------------- from directories
 
 
-def model_files_provenance(pair_dir: Path, meta: Mapping[str, Any]) -> dict[str, str]:
-    """sha256 of each model file of the pair: as recorded in `pipeline.json` (which `load_pair`
-    verified on load), else computed here."""
+def model_files_provenance(pair_dir: Path, artifact: Any) -> dict[str, str]:
+    """sha256 of each model file of the pair: as recorded in its `PairArtifact` (which `load_pair`
+    verified on load), else (a pair loaded with `allow_unverified`) computed here."""
     from pipeline.models.model_io import sha256_of
 
-    recorded = meta.get("sha256")
-    if isinstance(recorded, Mapping) and recorded:
-        return {str(k): str(v) for k, v in recorded.items()}
+    if artifact.verified:
+        return dict(artifact.sha256)
     return {p.name: sha256_of(p) for p in sorted(Path(pair_dir).glob("*.keras"))}
-
-
-def _meta_value(meta: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
-    """The first of `keys` present (and not None) in `meta`."""
-    for key in keys:
-        if meta.get(key) is not None:
-            return meta[key]
-    return default
 
 
 def _split_patients_missing(index_df: pd.DataFrame, split: str, splits_path: Path | None) -> list[str]:
@@ -340,31 +253,36 @@ def evaluate(
     progress: bool = True,
     runs_dir: str | os.PathLike = RUNS_DIR,
     default_models: str | os.PathLike = MODELS_DIR,
+    skip_bad: bool = False,
+    allow_unverified: bool = False,
 ) -> EvaluationResult:
     """Evaluate a trained pair on the patients of `split` under `data_dir` and write the report.
 
-    models/run: see `resolve_models`; data_dir: `pipeline.paths.resolve_data_dir` rules;
+    models/run: which pair (`pipeline.paths.resolve_pair`); data_dir: `pipeline.paths.resolve_data_dir` rules;
     split: "test" | "val" | "train" (patients of the split file `splits`, default the run's
     copy) or "all" (every patient under the root, no split file needed); threshold: the
-    classifier threshold (default: the one calibrated at training, in the pair's meta).
+    classifier threshold (default: the one calibrated at training, in the pair's meta);
+    skip_bad: leave out the slices the index finds bad (`index_dataset(skip_bad=True)`);
+    allow_unverified: load a pair without model sums (`load_pair`).
     Returns the `EvaluationResult` with the paths written under `out_dir` (default
     `<run or models dir>/evaluation/<split>/`).
     """
     from pipeline.data.array_cache import load_arrays
     from pipeline.data.index import index_dataset
     from pipeline.inference.tumor_pipeline import TumorPipeline
-    from pipeline.models.model_io import read_pair_meta
+    from pipeline.models.pair_artifact import read_pair_meta
     from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    source = resolve_models(models, run, runs_dir, default_models)
+    source = resolve_pair(models, run, runs_dir=runs_dir, default_models=default_models)
+    artifact = read_pair_meta(source.pair_dir, allow_unverified=allow_unverified)  # fail fast
     splits_path = resolve_splits_path(splits, source, default_models) if split != "all" else None
     root = resolve_data_dir(data_dir)
     cache = resolve_cache_dir(cache_dir)
 
     require_split_file(split, splits_path)  # before indexing: fail fast
-    index_df = index_dataset(root, cache_dir=cache, progress=progress)
+    index_df = index_dataset(root, cache_dir=cache, skip_bad=skip_bad, progress=progress)
     positions = select_positions(index_df, split, splits_path)
     missing = _split_patients_missing(index_df, split, splits_path)
     if missing:
@@ -376,24 +294,15 @@ def evaluate(
     else:
         images, masks = np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions])
 
-    # The product's own loader; the meta keys written by training are mapped onto its settings
-    # explicitly, so a renamed key cannot silently fall back to a default.
-    meta = read_pair_meta(source.pair_dir)
+    # The product's own loader: the operating point comes from the validated pipeline.json.
     pipeline = TumorPipeline.from_dir(
-        source.pair_dir,
-        threshold=threshold,
-        seg_threshold=_meta_value(meta, "seg_threshold", "mask_threshold"),
-        min_component_px=_meta_value(meta, "min_component_px"),
-        min_volume_px=_meta_value(meta, "min_volume_px"),
-        neighbour_weight=_meta_value(meta, "neighbour_weight"),
-        tile_size=_meta_value(meta, "tile_size", "segmenter_tile_size"),
-        batch_size=batch_size,
+        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size
     )
     chosen = pipeline.threshold
     provenance = {
         "models_dir": str(source.pair_dir),
         "run_dir": str(source.run_dir) if source.run_dir else None,
-        "model_files_sha256": model_files_provenance(source.pair_dir, meta),
+        "model_files_sha256": model_files_provenance(source.pair_dir, artifact),
         "data_root": str(root),
         "split": split,
         "split_file": str(splits_path) if splits_path else None,
@@ -403,11 +312,7 @@ def evaluate(
         "n_tumor_slices": int(rows["has_tumor"].sum()),
         "threshold": chosen,
         "threshold_source": (
-            "--threshold"
-            if threshold is not None
-            else "pipeline.json (written by make train)"
-            if "threshold" in meta
-            else "default (no threshold in pipeline.json)"
+            "--threshold" if threshold is not None else "pipeline.json (written by make train)"
         ),
         "seg_threshold": pipeline.seg_threshold,
         "min_component_px": pipeline.min_component_px,
@@ -415,12 +320,14 @@ def evaluate(
         "neighbour_weight": pipeline.neighbour_weight,
         "volume_route": "per patient study (predict_volume: volume-aware gate, 3D components)",
         "tile_size": pipeline.tile_size,
-        "backbone_trained_from_scratch": _meta_value(
-            meta, "trained_from_scratch", default=_from_scratch(_meta_value(meta, "backbone_weights"))
+        "backbone_trained_from_scratch": (
+            artifact.extra["trained_from_scratch"]
+            if artifact.extra.get("trained_from_scratch") is not None
+            else _from_scratch(artifact.extra.get("backbone_weights"))
         ),
-        "backbone_weights": _meta_value(meta, "backbone_weights"),
-        "classifier_image_size": _meta_value(meta, "classifier_image_size"),
-        "models_created": _meta_value(meta, "created"),
+        "backbone_weights": artifact.extra.get("backbone_weights"),
+        "classifier_image_size": artifact.classifier_image_size,
+        "models_created": artifact.extra.get("created"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pipeline_version": __version__,
         "n_boot": n_boot,

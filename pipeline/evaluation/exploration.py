@@ -30,8 +30,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.data.tiff_io import read_pair, tiff_shape
+from pipeline.errors import DataError
 from pipeline.inference.overlays import TRUTH_COLOR, heatmap_overlay, overlay
-from pipeline.paths import DATA_DIR_ENV, PROJECT_ROOT, resolve_cache_dir, resolve_data_dir
+from pipeline.paths import DATA_DIR_ENV, RUNS_DIR, resolve_cache_dir, resolve_data_dir
 from pipeline.preprocessing import CHANNELS, FLAIR_CHANNEL
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
 
 MODELS_DIR_ENV = "LGG_MODELS_DIR"
 RUN_DIR_ENV = "LGG_RUN_DIR"
-RUNS_DIR = PROJECT_ROOT / "runs"
 
 # Training stages of a run: their per-phase history files (in training order) and the
 # validation metric each is selected on (see pipeline/training/*_training.py).
@@ -81,14 +81,14 @@ class NotebookConfig:
 
     data_dir: dataset root (`resolve_data_dir`: `$LGG_DATA_DIR`, else `data/kaggle_3m`).
     cache_dir: index and array cache (`resolve_cache_dir`: `$LGG_CACHE_DIR`, else `.cache/`).
-    models: the model pair (`pipeline.evaluation.evaluate.ModelSource`).
+    models: the model pair (`pipeline.paths.PairSource`).
     run_dir: the training run whose curves are shown, or None when there is none.
     notes: how each choice was made, for the reader.
     """
 
     data_dir: Path
     cache_dir: Path
-    models: Any  # pipeline.evaluation.evaluate.ModelSource (imported lazily: it pulls in Keras)
+    models: Any  # pipeline.paths.PairSource
     run_dir: Path | None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -112,36 +112,39 @@ def resolve_run_dir(
 
     A run still training counts: its curves are read from the per-phase histories.
     """
+    from pipeline.paths import from_project, latest_run
+
     if flag:
         return Path(flag).expanduser(), f"run from ${RUN_DIR_ENV}"
     if models is not None and getattr(models, "run_dir", None) is not None:
         return Path(models.run_dir), "run the models were loaded from"
     if models is not None:
-        from pipeline.models.model_io import read_pair_meta
+        from pipeline.models.pair_artifact import read_pair_record
 
-        recorded = read_pair_meta(models.pair_dir).get("run_dir")
-        if recorded and Path(recorded).is_dir():
-            return Path(recorded), "run recorded in the pair's pipeline.json"
-    marker = Path(runs_dir) / "LATEST"
-    if marker.is_file():
-        name = marker.read_text(encoding="utf-8").strip()
-        latest = Path(runs_dir) / name  # an absolute name replaces runs_dir
-        if name and latest.is_dir():
-            return latest, f"latest run ({marker})"
+        try:
+            recorded = read_pair_record(models.pair_dir).get("run_dir")
+        except DataError:
+            recorded = None
+        if isinstance(recorded, str) and recorded and from_project(recorded).is_dir():
+            return from_project(recorded), "run recorded in the pair's pipeline.json"
+    latest = latest_run(runs_dir)
+    if latest is not None:
+        return latest, f"latest run ({Path(runs_dir) / 'LATEST'})"
     return None, f"no training run found (set ${RUN_DIR_ENV} or run `make train`): curves are skipped"
 
 
 def notebook_config(runs_dir: str | os.PathLike = RUNS_DIR) -> NotebookConfig:
     """Resolve data root, cache, model pair and training run from the environment.
 
-    Models: `$LGG_MODELS_DIR` (a pair directory), else the latest run holding a pair, else
-    `models/` (`pipeline.evaluation.evaluate.resolve_models`; DataError when none holds one).
+    Models: `$LGG_MODELS_DIR` (a pair directory), else the rule of every command
+    (`pipeline.paths.resolve_pair`: `models/` if it holds a pair, else the latest run holding
+    one; DataError when none does).
     Run: see `resolve_run_dir`.
     """
-    from pipeline.evaluation.evaluate import resolve_models
+    from pipeline.paths import resolve_pair
 
     models_flag = os.environ.get(MODELS_DIR_ENV) or None
-    source = resolve_models(models=models_flag, runs_dir=runs_dir)
+    source = resolve_pair(models=models_flag, runs_dir=runs_dir)
     notes = [
         f"data root from ${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "default data root",
         f"models from ${MODELS_DIR_ENV}"

@@ -1,7 +1,8 @@
 """PNG figures of an evaluation: ROC/PR curves, confusion matrix, per-patient Dice, overlay grid.
 
-Every function draws with matplotlib's Agg backend (no display needed) and writes the PNG
-atomically; each returns the path it wrote.
+Every function writes its PNG atomically, closes its figure and returns the path it wrote.
+Importing this module leaves matplotlib's backend alone (a notebook keeps its own); the
+commands that draw (`train`, `evaluate`) choose the headless Agg backend themselves.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")  # headless: evaluation runs on servers and in CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
-
-from pipeline.inference.overlays import PREDICTION_COLOR, TRUTH_COLOR, overlay  # noqa: E402
-from pipeline.io_utils import atomic_save  # noqa: E402
+from pipeline.inference.overlays import PREDICTION_COLOR, TRUTH_COLOR, overlay
+from pipeline.io_utils import atomic_save
 
 DPI = 110
 

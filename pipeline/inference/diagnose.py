@@ -11,8 +11,10 @@ Everything is written inside the output folder OUT:
     gradcam/<name>_gradcam.png    with `explain`: Grad-CAM of the classifier on flagged slices
     .progress.jsonl           the resume journal (below)
 
-`<name>` is the input's file stem; when several inputs share a stem, each of them gets
-`<stem>__<8 hex digits of a hash of its path>` so no output overwrites another.
+`<name>` is `<stem>__<8 hex digits of a hash of the input's absolute path>` (the stem with
+characters other than letters, digits, `.`, `-` and `_` replaced by `_`), so outputs of different
+inputs never overwrite each other, also across runs into the same OUT: a row kept from the
+journal of an earlier run still points at its own mask.
 
 Volumes: inputs that form a study - files of one folder named `<study>_<n>.<ext>` (the
 Kaggle layout), at least `MIN_VOLUME_SLICES` of them - are diagnosed together, in slice
@@ -21,16 +23,21 @@ evaluation measures it). Any other input is diagnosed as a single slice, as befo
 `volumes=False` turns the grouping off.
 
 Robustness:
-* a bad input (unreadable, truncated, zero bytes, not an image, absurd size) gets a row with
-  its error and the batch goes on; `DiagnosisResult.exit_code` is 0 when every input was
-  diagnosed, 1 when any failed;
+* a bad input (unreadable, truncated, zero bytes, not an image, absurd size, a symlink loop,
+  an output that cannot be written) gets a row with its error and the batch goes on;
+  `DiagnosisResult.exit_code` is 0 when every input was diagnosed, 1 when any failed;
 * every file is written atomically (temp file + rename), so an interruption never leaves a
   half-written report or image;
 * resumable: after each batch its rows are appended to `.progress.jsonl` and fsynced; a
   re-run with the same models and settings skips the inputs recorded there (unless the file
   changed: size and modification time are recorded) and the final reports include them.
-  Changed settings, or `resume=False`, start the journal afresh;
-* OUT must not be a file, and no input may lie inside OUT (refused with DataError); files
+  Changed settings, or `resume=False`, start the journal afresh. The journal is read
+  tolerantly: a damaged line (cut short, not JSON, not a row of this version) is skipped with
+  a warning and its input diagnosed again, a damaged header starts afresh;
+* reports always get written: text that cannot be encoded (file names with non-UTF-8 bytes)
+  is escaped (`\xff`), and terminal escape sequences are stripped from error messages;
+* OUT must be a folder that can be created and written, and no input may lie inside OUT
+  (refused with DataError); files
   under OUT found through folders or globs are ignored (they are earlier outputs). Each
   output path is checked to lie inside OUT and not to be an input before it is written.
 """
@@ -41,7 +48,8 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
+import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,21 +59,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.data.readers import SLICE_PATTERN
 from pipeline.errors import DataError
 from pipeline.inference.image_loading import expand_inputs, load_slice, patient_id_from_name
 from pipeline.inference.overlays import PREDICTION_COLOR, encode_png, heatmap_overlay, overlay
 from pipeline.io_utils import atomic_write, atomic_write_bytes, atomic_write_json
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import resolve_pair, safe_resolve
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "COLUMNS",
     "DiagnosisResult",
+    "output_name",
     "output_names",
     "patient_summary",
     "resolve_models_dir",
     "run_diagnosis",
+    "text",
 ]
 
 REPORT_CSV = "report.csv"
@@ -73,13 +84,12 @@ REPORT_JSON = "report.json"
 PATIENTS_CSV = "patients.csv"
 JOURNAL = ".progress.jsonl"
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR = "masks", "overlays", "gradcam"
-PAIR_MARKER = "pipeline.json"  # written last by `model_io.save_pair`: marks a complete pair
 JOURNAL_VERSION = 1
 MIN_VOLUME_SLICES = 3  # fewer slices of a study are diagnosed one by one
 TUMOUR, NO_TUMOUR = "tumour", "no tumour"
 
 COLUMNS = (
-    "path",  # absolute path of the input
+    "path",  # absolute path of the input (bytes that are not UTF-8 escaped as \xNN)
     "patient_id",  # TCGA_XX_NNNN from the file or folder name, else empty
     "height",
     "width",
@@ -98,6 +108,9 @@ COLUMNS = (
 )
 
 INTEGER_COLUMNS = ("height", "width", "area_px", "components")
+OUTPUT_COLUMNS = ("mask_path", "overlay_path", "gradcam_path")
+_TERMINAL_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 @dataclass
@@ -127,57 +140,31 @@ class DiagnosisResult:
 # --------------------------------------------------------------------------- models
 
 
-def _is_pair(path: Path) -> bool:
-    return (path / PAIR_MARKER).is_file()
-
-
-def resolve_models_dir(
-    flag: str | os.PathLike | None = None, project_root: str | os.PathLike = PROJECT_ROOT
-) -> Path:
-    """The model pair to use: `flag`, else `models/` if it holds a pair, else the newest run with one.
-
-    Runs are `runs/*/` under `project_root` (`runs/LATEST` naming one wins over modification
-    times). Raises DataError saying to run `make train` when there is no pair.
-    """
-    if flag:
-        path = Path(flag).expanduser()
-        if not _is_pair(path):
-            raise DataError(
-                f"not a model pair directory (no {PAIR_MARKER}); pass the output of `make train`", [path]
-            )
-        return path
-    root = Path(project_root)
-    if _is_pair(root / "models"):
-        return root / "models"
-    runs = root / "runs"
-    pointer = runs / "LATEST"
-    if pointer.is_file():
-        named = runs / pointer.read_text(encoding="utf-8").strip()
-        if pointer.read_text(encoding="utf-8").strip() and _is_pair(named):
-            return named
-    candidates = [p for p in runs.glob("*/") if p.is_dir() and not p.is_symlink() and _is_pair(p)]
-    if candidates:
-        return max(candidates, key=lambda p: (p / PAIR_MARKER).stat().st_mtime)
-    raise DataError(
-        "no trained model pair found: run `make train` first, or pass --models DIR", [root / "models", runs]
-    )
+def resolve_models_dir(flag: str | os.PathLike | None = None) -> Path:
+    """The pair directory `pipeline.paths.resolve_pair(models=flag)` picks (for `pipeline.benchmarks`)."""
+    return resolve_pair(models=flag).pair_dir
 
 
 # --------------------------------------------------------------------------- names and paths
 
 
+def text(value: str) -> str:
+    """`value` made safe for a report: undecodable file-name bytes (surrogates) as `\\xNN`,
+    terminal escape sequences removed, other control characters (newlines too) as one space."""
+    escaped = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(" ", _TERMINAL_ESCAPE.sub("", escaped)).strip()
+
+
+def output_name(path: Path) -> str:
+    """Output base name of an input: `<stem>__<hash of its absolute path>` (module docstring)."""
+    digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
+    stem = re.sub(r"[^\w.-]+", "_", text(Path(path).stem)).strip("._") or "slice"
+    return f"{stem}__{digest}"
+
+
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """Input path -> output base name: its stem, or `stem__<hash>` when several inputs share the stem
-    (compared case-insensitively, for case-insensitive file systems)."""
-    counts = Counter(p.stem.lower() for p in paths)
-    names = {}
-    for p in paths:
-        if counts[p.stem.lower()] > 1:
-            digest = hashlib.sha1(str(p).encode("utf-8")).hexdigest()[:8]
-            names[p] = f"{p.stem}__{digest}"
-        else:
-            names[p] = p.stem
-    return names
+    """Input path -> `output_name(path)`: unique per input path, the same in every run."""
+    return {p: output_name(p) for p in paths}
 
 
 def _signature(path: Path) -> list[int] | None:
@@ -190,7 +177,7 @@ def _signature(path: Path) -> list[int] | None:
 
 
 def _within(path: Path, folder: Path) -> bool:
-    path = path.resolve()
+    path = safe_resolve(path)
     return path == folder or path.is_relative_to(folder)
 
 
@@ -199,14 +186,20 @@ class _Writer:
 
     def __init__(self, out: Path, inputs: Sequence[Path]):
         self.out = out
-        self.root = out.resolve()
-        self.protected = {p.resolve() for p in inputs}
+        self.root = safe_resolve(out)
+        self.protected = {safe_resolve(p) for p in inputs}
 
     def png(self, relative: str, image: np.ndarray) -> str:
+        """Write `image` as OUT/`relative`; DataError (the input's row) if that lands outside OUT
+        (e.g. through a symlink already there) or on an input."""
         target = self.out / relative
-        resolved = target.resolve()
+        resolved = safe_resolve(target)
         if not _within(resolved, self.root) or resolved in self.protected:
-            raise RuntimeError(f"refusing to write {resolved}: outside {self.root} or an input file")
+            raise DataError(
+                f"refusing to write {text(relative)}: it resolves to {text(str(resolved))}, "
+                "outside the output folder or onto an input file",
+                [target],
+            )
         atomic_write_bytes(target, encode_png(image))
         return relative
 
@@ -222,25 +215,33 @@ class _Journal:
         self.config = {"type": "config", "version": JOURNAL_VERSION, **config}
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """Entries of a journal written with the same config ({} otherwise), keyed by input path."""
+        """Entries of a journal written with the same config ({} otherwise), keyed by input path.
+
+        Tolerant: unreadable bytes, lines that are not JSON objects and rows missing their keys
+        are skipped with a warning (those inputs are diagnosed again); a damaged or different
+        first line means starting afresh.
+        """
         if not self.path.is_file():
             return {}
+        try:
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            log.warning("%s: cannot read the journal (%s); starting afresh", self.path, exc)
+            return {}
+        header = _json_line(lines[0]) if lines else None
+        if header != self.config:
+            if isinstance(header, dict) and header.get("type") == "config":
+                log.warning("%s was written with other models or settings; starting afresh", self.path)
+            else:
+                log.warning("%s: damaged journal header; starting afresh", self.path)
+            return {}
         entries: dict[str, dict[str, Any]] = {}
-        with open(self.path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-        for number, line in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by an interruption: that input is redone
-                log.warning("%s: ignoring damaged line %d", self.path, number + 1)
+        for number, line in enumerate(lines[1:], start=2):
+            record = _json_line(line)
+            if not _is_row_record(record):  # e.g. a line cut short by an interruption: redone
+                log.warning("%s: ignoring damaged line %d", self.path, number)
                 continue
-            if number == 0:
-                if record != self.config:
-                    log.warning("%s was written with other models or settings; starting afresh", self.path)
-                    return {}
-                continue
-            if record.get("type") == "row":
-                entries[record["key"]] = record
+            entries[record["key"]] = record
         return entries
 
     def reset(self) -> None:
@@ -262,13 +263,33 @@ class _Journal:
             os.fsync(fh.fileno())
 
 
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _is_row_record(record: Any) -> bool:
+    """A journal row of this version: its key, the input's signature and a complete row."""
+    return (
+        isinstance(record, dict)
+        and record.get("type") == "row"
+        and isinstance(record.get("key"), str)
+        and isinstance(record.get("row"), dict)
+        and set(COLUMNS) <= set(record["row"])
+        and (record.get("signature") is None or isinstance(record.get("signature"), list))
+    )
+
+
 # --------------------------------------------------------------------------- rows
 
 
 def _empty_row(path: Path) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row["path"] = str(path)
-    row["patient_id"] = patient_id_from_name(path)
+    row["path"] = text(str(path))
+    patient = patient_id_from_name(path)
+    row["patient_id"] = text(patient) if patient else None
     return row
 
 
@@ -278,7 +299,7 @@ def _error_row(path: Path, exc: BaseException) -> dict[str, Any]:
         message = str(exc).split("\n")[0]  # the file is in the row already
     else:
         message = f"{type(exc).__name__}: {exc}"
-    row["error"] = message or type(exc).__name__
+    row["error"] = text(message) or type(exc).__name__
     return row
 
 
@@ -367,8 +388,6 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, An
 def group_volumes(paths: Sequence[Path]) -> list[list[Path]]:
     """Split `paths` into work units: studies (same folder and `<study>_<n>` stem, at least
     `MIN_VOLUME_SLICES`, sorted by n) and single slices, each single a unit of its own."""
-    from pipeline.data.index import SLICE_PATTERN
-
     studies: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
     for p in paths:
         match = SLICE_PATTERN.match(p.stem)
@@ -418,10 +437,30 @@ def _predict_batch(pipe: Any, images: list[np.ndarray]) -> list[Any]:
     return results
 
 
+def _prepare_out(out: Path) -> None:
+    """Create OUT and check that a file can be written in it; DataError saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        parent = next((q for q in out.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            reason += f"; {parent} is a file"
+        raise DataError(f"cannot create or write to the output folder ({reason})", [out]) from exc
+
+
+def _outputs_present(out: Path, row: dict[str, Any]) -> bool:
+    """True when every output file a journalled row names is still in OUT."""
+    return all(not row.get(key) or (out / row[key]).is_file() for key in OUTPUT_COLUMNS)
+
+
 def _check_locations(items: Sequence[str | os.PathLike], out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError("the output path exists and is not a folder", [out])
-    root = out.resolve()
+    root = safe_resolve(out)
     inside = [
         str(item)
         for item in items
@@ -435,12 +474,37 @@ def _check_locations(items: Sequence[str | os.PathLike], out: Path) -> None:
         )
 
 
+def _write_outputs(
+    writer: _Writer, name: str, row: dict[str, Any], image: np.ndarray, result: Any, pipeline: Any,
+    explain: bool,
+) -> bool:
+    """Write the mask, overlay and (with `explain`) Grad-CAM of a flagged slice, filling `row`'s
+    paths. Returns True when Grad-CAM is impossible for this classifier (not tried again)."""
+    row["mask_path"] = writer.png(f"{MASK_DIR}/{name}_mask.png", result.mask * 255)
+    row["overlay_path"] = writer.png(
+        f"{OVERLAY_DIR}/{name}_overlay.png", overlay(image, {"prediction": (result.mask, PREDICTION_COLOR)})
+    )
+    if not explain:
+        return False
+    from pipeline.inference.gradcam import grad_cam
+
+    try:
+        heatmap = grad_cam(pipeline.classifier, image)
+    except ValueError as exc:  # a classifier Grad-CAM cannot take apart
+        log.warning("no Grad-CAM: %s", exc)
+        return True
+    row["gradcam_path"] = writer.png(f"{GRADCAM_DIR}/{name}_gradcam.png", heatmap_overlay(image, heatmap))
+    return False
+
+
 def run_diagnosis(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     pipeline: Any = None,
     models_dir: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    allow_unverified: bool = False,
     threshold: float | None = None,
     min_component_px: int | None = None,
     batch_size: int = 16,
@@ -454,8 +518,9 @@ def run_diagnosis(
 
     inputs: files, folders and glob patterns.
     out: the output folder (created).
-    pipeline: a ready `TumorPipeline` (tests, notebooks); else one is loaded from `models_dir`
-        (default: `resolve_models_dir()`).
+    pipeline: a ready `TumorPipeline` (tests, notebooks); else one is loaded from the pair
+        `pipeline.paths.resolve_pair(models_dir, run_dir)` picks (default: `models/`, else the
+        latest run); `allow_unverified` loads a pair without model sums (`load_pair`).
     threshold, min_component_px: override the pair's calibrated values when given.
     batch_size: slices read and predicted together (also the journal's granularity).
     explain: also write a Grad-CAM overlay per flagged slice.
@@ -464,7 +529,8 @@ def run_diagnosis(
     volumes: diagnose inputs that form a study together (`group_volumes`, `predict_volume`).
 
     Returns a DiagnosisResult (its `exit_code` is 1 when any input failed). Raises DataError
-    for unusable arguments: no input found, OUT a file or holding an input, no model pair.
+    for unusable arguments: no input found, OUT a file, not writable or holding an input, no
+    model pair or an invalid one.
     """
     from tqdm.auto import tqdm
 
@@ -478,21 +544,26 @@ def run_diagnosis(
         skipped_masks = len(expand_inputs(inputs, include_masks=True, exclude=[out])) - len(paths)
     if not paths:
         raise DataError("no input images found (TIFF, PNG or JPEG)", [str(i) for i in inputs])
+    _prepare_out(out)
 
     if pipeline is None:
         from pipeline.inference.tumor_pipeline import TumorPipeline
 
-        source = resolve_models_dir(models_dir)
+        source = resolve_pair(models_dir, run_dir).pair_dir
         pipeline = TumorPipeline.from_dir(
-            source, threshold=threshold, min_component_px=min_component_px, batch_size=batch_size
+            source,
+            allow_unverified=allow_unverified,
+            threshold=threshold,
+            min_component_px=min_component_px,
+            batch_size=batch_size,
         )
-        models_label = str(source.resolve())
+        models_label = text(str(safe_resolve(source)))
     else:
         if threshold is not None:
             pipeline.threshold = float(threshold)
         if min_component_px is not None:
             pipeline.min_component_px = int(min_component_px)
-        models_label = str(models_dir) if models_dir else "(pipeline given by the caller)"
+        models_label = text(str(models_dir)) if models_dir else "(pipeline given by the caller)"
     settings = {
         "models": models_label,
         "threshold": float(pipeline.threshold),
@@ -505,7 +576,6 @@ def run_diagnosis(
         "explain": bool(explain),
     }
 
-    out.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out, paths)
     names = output_names(paths)
     journal = _Journal(out / JOURNAL, settings)
@@ -515,7 +585,9 @@ def run_diagnosis(
     rows: dict[str, dict[str, Any]] = {}
     for p in paths:
         entry = done.get(str(p))
-        if entry is not None and entry.get("signature") == _signature(p):
+        if entry is None or not _outputs_present(out, entry["row"]):
+            continue
+        if entry.get("signature") == _signature(p):
             rows[str(p)] = entry["row"]
     resumed = len(rows)
     todo = [p for p in paths if str(p) not in rows]
@@ -560,23 +632,13 @@ def run_diagnosis(
                     continue
                 row = _result_row(path, image, result)
                 if result.is_tumor:
-                    name = names[path]
-                    row["mask_path"] = writer.png(f"{MASK_DIR}/{name}_mask.png", result.mask * 255)
-                    row["overlay_path"] = writer.png(
-                        f"{OVERLAY_DIR}/{name}_overlay.png",
-                        overlay(image, {"prediction": (result.mask, PREDICTION_COLOR)}),
-                    )
-                    if explain and not explain_failed:
-                        try:
-                            from pipeline.inference.gradcam import grad_cam
-
-                            heatmap = grad_cam(pipeline.classifier, image)
-                            row["gradcam_path"] = writer.png(
-                                f"{GRADCAM_DIR}/{name}_gradcam.png", heatmap_overlay(image, heatmap)
-                            )
-                        except ValueError as exc:  # a classifier Grad-CAM cannot take apart
-                            log.warning("no Grad-CAM: %s", exc)
+                    try:
+                        if _write_outputs(
+                            writer, names[path], row, image, result, pipeline, explain and not explain_failed
+                        ):
                             explain_failed = True
+                    except Exception as exc:  # noqa: BLE001 - e.g. a symlink in OUT: this input's row
+                        row = _error_row(path, exc)
                 batch_rows[path] = row
             records = []
             for path in batch:

@@ -1,8 +1,10 @@
 """Reading user-supplied slices (TIFF, PNG, JPEG) into the dataset's format, and finding them.
 
 `load_slice` returns what the models expect: uint8 (H, W, 3), channels in *file* order
-(pre-contrast, FLAIR, post-contrast for the dataset's TIFFs). TIFFs are read with `tifffile`
-and PNG/JPEG with Pillow, both of which keep the file's channel order (OpenCV would give BGR).
+(pre-contrast, FLAIR, post-contrast for the dataset's TIFFs). The file is decoded by its
+registered reader (`pipeline.data.readers`: TIFF with `tifffile`, PNG/JPEG with Pillow, both of
+which keep the file's channel order; OpenCV would give BGR), the same readers the training
+index uses; this module converts what they return.
 
 Conversions, applied in this order:
 * greyscale (H, W) or (H, W, 1) -> the one channel replicated three times;
@@ -20,7 +22,6 @@ MIN_SIDE or above MAX_SIDE pixels, non-finite values) raises `DataError` naming 
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -28,10 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.readers import (
+    MAX_SIDE,
+    is_mask_file,
+    patient_id_from_name,
+    read_array,
+    reader_for,
+)
 from pipeline.errors import DataError
+from pipeline.paths import safe_resolve
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "MAX_SIDE",
     "MIN_SIDE",
     "expand_inputs",
@@ -41,13 +49,7 @@ __all__ = [
     "patient_id_from_name",
 ]
 
-TIFF_EXTENSIONS = (".tif", ".tiff")
-PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
-IMAGE_EXTENSIONS = TIFF_EXTENSIONS + PIL_EXTENSIONS
 MIN_SIDE = 8  # smaller than this is not an MRI slice (and cannot pass the ResUNet's pooling)
-MAX_SIDE = 8192  # larger is not a slice either, and would take gigabytes to decode
-MASK_SUFFIX = "_mask"  # the dataset's ground-truth masks: TCGA_..._12_mask.tif
-PATIENT_RE = re.compile(r"TCGA_[A-Za-z0-9]{2}_[A-Za-z0-9]{4}")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -59,57 +61,6 @@ def _check_size(height: int, width: int, path: Path) -> None:
         raise DataError(
             f"absurd image size {height}x{width} (each side must be {MIN_SIDE}..{MAX_SIDE} pixels)", [path]
         )
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    # tifffile logs (rather than raises) some structural problems; they surface as errors below.
-    tiff_logger = logging.getLogger("tifffile")
-    level = tiff_logger.level
-    tiff_logger.setLevel(logging.CRITICAL)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) != 1:
-                raise DataError(
-                    f"multi-page TIFF ({len(tif.pages)} pages); expected one slice per file", [path]
-                )
-            page = tif.pages[0]
-            _check_size(int(page.imagelength), int(page.imagewidth), path)
-            array = page.asarray()
-            if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
-                # colormap is (3, N) uint16; map the indices to RGB and back to 8 bits
-                array = (page.colormap.T[array].astype(np.float64) / 257.0).round().astype(np.uint8)
-    except DataError:
-        raise
-    except Exception as exc:  # tifffile/zlib raise many types for damaged files
-        raise DataError(f"unreadable, truncated or not a TIFF ({type(exc).__name__}: {exc})", [path]) from exc
-    finally:
-        tiff_logger.setLevel(level)
-    return array
-
-
-def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            _check_size(image.height, image.width, path)
-            image.load()  # decodes now, so a truncated file fails here
-            mode = image.mode
-            if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
-                image = image.convert("RGBA" if "A" in mode or "a" in mode else "RGB")
-            elif mode == "1":
-                image = image.convert("L")
-            return np.array(image)
-    except DataError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"absurd image size ({exc})", [path]) from exc
-    except UnidentifiedImageError as exc:
-        raise DataError("not an image (Pillow cannot identify the file)", [path]) from exc
-    except Exception as exc:  # OSError "image file is truncated", SyntaxError for broken headers, ...
-        raise DataError(f"unreadable or truncated image ({type(exc).__name__}: {exc})", [path]) from exc
 
 
 def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
@@ -151,27 +102,7 @@ def load_slice(path: str | os.PathLike) -> np.ndarray:
     unsupported file, something that is not an image, or an absurd size.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"cannot open image ({exc.strerror or exc})", [path]) from exc
-    if not path.is_file():
-        raise DataError("not a regular file", [path])
-    if size == 0:
-        raise DataError("empty file (zero bytes)", [path])
-    suffix = path.suffix.lower()
-    if suffix in TIFF_EXTENSIONS:
-        array = _read_tiff(path)
-    elif suffix in PIL_EXTENSIONS:
-        array = _read_pil(path)
-    else:
-        raise DataError(
-            f"unsupported file type {path.suffix or '(no extension)'!r}; "
-            f"supported: {', '.join(IMAGE_EXTENSIONS)}",
-            [path],
-        )
-    if array.size == 0:
-        raise DataError("unreadable or truncated image (no pixel data)", [path])
+    array = read_array(path)  # missing, zero bytes, unsupported, unreadable: DataError naming it
     image = _to_three_channels(array, path)
     _check_size(image.shape[0], image.shape[1], path)
     return _to_uint8(image, path)
@@ -186,13 +117,14 @@ def natural_key(path: str | os.PathLike) -> list:
     return [int(part) if i % 2 else part.lower() for i, part in enumerate(parts)]
 
 
-def is_mask_file(path: str | os.PathLike) -> bool:
-    """True for the dataset's ground-truth masks (`..._mask.tif` and the like)."""
-    return Path(path).stem.lower().endswith(MASK_SUFFIX)
-
-
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    if path.name.startswith("."):
+        return False
+    try:
+        reader_for(path)
+    except DataError:
+        return False
+    return True
 
 
 def _walk(folder: Path) -> Iterable[Path]:
@@ -206,7 +138,7 @@ def _walk(folder: Path) -> Iterable[Path]:
 
 
 def _is_within(path: Path, folders: Sequence[Path]) -> bool:
-    resolved = path.resolve()
+    resolved = safe_resolve(path)
     return any(resolved == f or resolved.is_relative_to(f) for f in folders)
 
 
@@ -227,7 +159,7 @@ def expand_inputs(
     Returns absolute paths, each file once, in natural order (`_10` after `_9`).
     Raises DataError listing every item that is neither an existing path nor a matching glob.
     """
-    excluded = [Path(e).resolve() for e in exclude]
+    excluded = [safe_resolve(e) for e in exclude]
     found: dict[Path, Path] = {}  # resolved -> as found (absolute, symlinks kept)
     missing: list[str] = []
 
@@ -238,7 +170,7 @@ def expand_inputs(
             return
         if excluded and _is_within(path, excluded):
             return
-        found.setdefault(path.resolve(), path.absolute())
+        found.setdefault(safe_resolve(path), path.absolute())  # a symlink loop is kept, and fails to load
 
     for item in items:
         path = Path(item).expanduser()
@@ -263,13 +195,3 @@ def expand_inputs(
     if missing:
         raise DataError("input not found (no such file or folder, or the pattern matches nothing)", missing)
     return sorted(found.values(), key=natural_key)
-
-
-def patient_id_from_name(path: str | os.PathLike) -> str | None:
-    """The patient id (`TCGA_XX_NNNN`) in the file name or, failing that, its folder's name; else None."""
-    path = Path(path)
-    for part in (path.name, path.parent.name):
-        match = PATIENT_RE.search(part)
-        if match:
-            return match.group(0)
-    return None

@@ -138,13 +138,6 @@ def measure(image: np.ndarray, mask: np.ndarray, probability: float, is_tumor: b
     )
 
 
-def _meta_get(meta: Any, key: str, default: Any = None) -> Any:
-    """Read `key` from a model pair's meta, whether it is a mapping or an object."""
-    if isinstance(meta, dict):
-        return meta.get(key, default)
-    return getattr(meta, key, default)
-
-
 def _check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     checked = []
     for i, image in enumerate(images):
@@ -236,26 +229,29 @@ class TumorPipeline:
         self.meta: Any = None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, **overrides: Any) -> TumorPipeline:
+    def from_dir(
+        cls, path: str | os.PathLike, allow_unverified: bool = False, **overrides: Any
+    ) -> TumorPipeline:
         """Load a saved model pair (`pipeline.models.model_io.load_pair`) with its operating point.
 
-        Reads `threshold`, `seg_threshold`, `min_component_px` and `tile_size` (or
-        `segmenter_tile_size`) from the pair's `pipeline.json`; the models keep the dtype
-        policy they were saved with.
+        The operating point and `tile_size` come from the pair's validated `pipeline.json`
+        (`pipeline.models.pair_artifact.PairArtifact.pipeline_settings`); the models keep the
+        dtype policy they were saved with. `allow_unverified`: load a pair whose `pipeline.json`
+        records no sha256 of its model files (refused otherwise; see `load_pair`).
 
         `overrides` (e.g. `threshold=0.4`, `batch_size=32`) win over the saved values; None is ignored.
         """
-        from pipeline.models.model_io import load_pair
+        from pipeline.models import model_io
+        from pipeline.models.pair_artifact import PairArtifact
 
-        pair = load_pair(path)
-        settings: dict[str, Any] = {}
-        for key in ("threshold", "seg_threshold", "min_component_px", "min_volume_px", "neighbour_weight"):
-            value = _meta_get(pair.meta, key)
-            if value is not None:
-                settings[key] = value
-        tile_size = _meta_get(pair.meta, "tile_size") or _meta_get(pair.meta, "segmenter_tile_size")
-        if tile_size:
-            settings["tile_size"] = int(tile_size)
+        if allow_unverified:
+            pair = model_io.load_pair(path, allow_unverified=True)
+        else:
+            pair = model_io.load_pair(path)
+        artifact = getattr(pair, "artifact", None)
+        if artifact is None:  # a pair assembled in memory: no files to verify
+            artifact = PairArtifact.from_dict(pair.meta, allow_unverified=True)
+        settings = artifact.pipeline_settings()
         settings.update({k: v for k, v in overrides.items() if v is not None})
         pipeline = cls(pair.classifier, pair.segmenter, **settings)
         pipeline.meta = pair.meta

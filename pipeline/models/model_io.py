@@ -4,9 +4,10 @@ A pair directory holds
 
     classifier.keras   stage 1, saved without optimizer state
     segmenter.keras    stage 2, saved without optimizer state
-    pipeline.json      metadata: threshold, classifier_image_size, segmenter_tile_size,
-                       policy (dtype policy used in training), created, versions, and the
-                       sha256 of each model file (checked on load)
+    pipeline.json      metadata (`pipeline.models.pair_artifact.PairArtifact`): the operating
+                       point (threshold, seg_threshold, min_component_px, ...), tile_size,
+                       classifier_image_size, policy (dtype policy used in training), created,
+                       versions, and the sha256 of each model file (required, checked on load)
 
 `pipeline.json` is written last, so its presence marks a complete pair. Models load with
 `safe_mode=True` and `compile=False` by default: the files carry no optimizer state, and
@@ -18,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
+import logging
 import os
 import platform
+import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,14 +31,32 @@ from typing import Any
 import keras
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_save, atomic_write_json
+from pipeline.io_utils import atomic_save
+from pipeline.models.pair_artifact import (
+    CLASSIFIER_FILE,
+    META_FILE,
+    SEGMENTER_FILE,
+    PairArtifact,
+    read_pair_meta,
+    write_pair_meta,
+)
 
-CLASSIFIER_FILE = "classifier.keras"
-SEGMENTER_FILE = "segmenter.keras"
-META_FILE = "pipeline.json"
+__all__ = [
+    "CLASSIFIER_FILE",
+    "META_FILE",
+    "SEGMENTER_FILE",
+    "ModelPair",
+    "load_model",
+    "load_pair",
+    "read_pair_meta",
+    "save_model",
+    "save_pair",
+    "sha256_of",
+]
+
+log = logging.getLogger(__name__)
+
 META_FORMAT = 1  # bump when the meaning of pipeline.json changes
-
-DEFAULT_THRESHOLD = 0.5
 DEFAULT_TILE_SIZE = 256  # native slice size of the LGG data
 
 # Modules whose registered layers, losses and metrics a saved model may reference.
@@ -95,22 +115,29 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None, *,
     register_custom_objects()
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=True)
-    except (ValueError, OSError, TypeError) as exc:
+    except (ValueError, OSError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged file
         raise DataError(f"cannot load the Keras model ({type(exc).__name__}: {exc})", files=[path]) from exc
 
 
 @dataclass
 class ModelPair:
-    """A trained classifier/segmenter pair and its `pipeline.json` metadata."""
+    """A trained classifier/segmenter pair and its `pipeline.json` metadata.
+
+    meta: the full record (`PairArtifact.to_dict()`, canonical key names); artifact: the
+    validated `PairArtifact` it came from (None for a pair assembled in memory).
+    """
 
     classifier: keras.Model
     segmenter: keras.Model
     meta: dict[str, Any] = field(default_factory=dict)
+    artifact: PairArtifact | None = None
 
     @property
     def threshold(self) -> float:
-        """Classifier probability above which a slice goes to the segmenter."""
-        return float(self.meta.get("threshold", DEFAULT_THRESHOLD))
+        """Classifier probability at or above which a slice goes to the segmenter."""
+        if self.artifact is not None:
+            return self.artifact.threshold
+        return float(self.meta["threshold"])
 
 
 def versions() -> dict[str, str]:
@@ -135,54 +162,56 @@ def save_pair(directory: str | os.PathLike, classifier: keras.Model, segmenter: 
               meta: dict[str, Any] | None = None) -> Path:
     """Write `classifier.keras`, `segmenter.keras` and `pipeline.json` into `directory`.
 
-    `meta` may hold `threshold`, `classifier_image_size`, `segmenter_tile_size`, `policy` and
-    any extra keys (training config, scores); missing standard keys get defaults (image size
-    read from the classifier's Resizing layer, the current global dtype policy). `created`,
-    `versions` and `sha256` are always filled in here. Returns the directory.
+    `meta` holds the operating point (`threshold`, `seg_threshold`, `min_component_px`,
+    `min_volume_px`, `neighbour_weight`), `tile_size` (or the older `segmenter_tile_size`),
+    `classifier_image_size`, `policy` and any extra keys (training config, scores). Standard
+    keys it leaves out are written with their defaults: `PostprocessParams()`, tile size 256,
+    the image size of the classifier's Resizing layer, the current global dtype policy. `created`,
+    `versions` and `sha256` are always filled in here. The record is validated and written by
+    `pair_artifact.write_pair_meta` (paths made relative to the project). Returns the directory.
     """
+    from pipeline.postprocessing import PostprocessParams
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Remove a stale marker first: a crash while saving must not leave an old json over new models.
     (directory / META_FILE).unlink(missing_ok=True)
     save_model(classifier, directory / CLASSIFIER_FILE)
     save_model(segmenter, directory / SEGMENTER_FILE)
+    given = dict(meta or {})
+    tile_size = given.pop("tile_size", given.pop("segmenter_tile_size", DEFAULT_TILE_SIZE))
+    given.pop("segmenter_tile_size", None)
     record: dict[str, Any] = {
         "format": META_FORMAT,
-        "threshold": DEFAULT_THRESHOLD,
+        **PostprocessParams().to_json(),
         "classifier_image_size": _classifier_image_size(classifier),
-        "segmenter_tile_size": DEFAULT_TILE_SIZE,
+        "tile_size": tile_size,
         "policy": keras.mixed_precision.global_policy().name,
     }
-    record.update(meta or {})
+    record.update(given)
     record.update({
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "sha256": {name: sha256_of(directory / name) for name in (CLASSIFIER_FILE, SEGMENTER_FILE)},
     })
-    atomic_write_json(directory / META_FILE, record)
+    write_pair_meta(directory, record)
     return directory
 
 
-def read_pair_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `pipeline.json` of a pair directory (DataError naming it when missing or invalid)."""
-    meta_path = Path(directory) / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"not a model pair: {META_FILE} is missing (run `make train` first)",
-                        files=[meta_path])
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the pair metadata ({exc})", files=[meta_path]) from exc
-    if not isinstance(meta, dict):
-        raise DataError("the pair metadata is not a JSON object", files=[meta_path])
-    return meta
+def load_pair(directory: str | os.PathLike, *, allow_unverified: bool = False) -> ModelPair:
+    """Load the pair saved by `save_pair`, checking each model file against its recorded sha256.
 
-
-def load_pair(directory: str | os.PathLike) -> ModelPair:
-    """Load the pair saved by `save_pair`, checking each model file against its recorded sha256."""
+    A `pipeline.json` that records no sha256 for a model file is refused (DataError) unless
+    `allow_unverified=True`; that file is then loaded unchecked, with a loud warning.
+    """
     directory = Path(directory)
-    meta = read_pair_meta(directory)
-    hashes = meta.get("sha256") or {}
-    classifier = load_model(directory / CLASSIFIER_FILE, hashes.get(CLASSIFIER_FILE))
-    segmenter = load_model(directory / SEGMENTER_FILE, hashes.get(SEGMENTER_FILE))
-    return ModelPair(classifier=classifier, segmenter=segmenter, meta=meta)
+    artifact = read_pair_meta(directory, allow_unverified=allow_unverified)
+    models = []
+    for name in (CLASSIFIER_FILE, SEGMENTER_FILE):
+        expected = artifact.sha256.get(name)
+        if expected is None:
+            log.warning("UNVERIFIED MODEL: %s records no sha256 for %s; loading it unchecked "
+                        "(allow_unverified=True); it may have been modified or replaced",
+                        directory / META_FILE, name)
+        models.append(load_model(directory / name, expected))
+    return ModelPair(classifier=models[0], segmenter=models[1], meta=artifact.to_dict(), artifact=artifact)

@@ -81,8 +81,3 @@ def apply_policy(name: str = AUTO) -> str:
     keras.mixed_precision.set_global_policy(policy)
     log.info("dtype policy: %s (requested %s)", policy, name)
     return policy
-
-
-def current_policy() -> str:
-    """Name of Keras's global dtype policy right now."""
-    return keras.mixed_precision.global_policy().name

@@ -43,7 +43,7 @@ import keras
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write, atomic_write_bytes, atomic_write_json
+from pipeline.io_utils import atomic_write, atomic_write_bytes
 from pipeline.models.model_io import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -55,6 +55,7 @@ from pipeline.models.model_io import (
     sha256_of,
     versions,
 )
+from pipeline.models.pair_artifact import write_pair_meta
 from pipeline.paths import PROJECT_ROOT
 
 DEFAULT_RELEASE_DIR = PROJECT_ROOT / "models"
@@ -314,7 +315,7 @@ def verify_release(directory: str | os.PathLike) -> dict[str, str]:
         if not sep or len(digest) != 64:
             raise DataError(f"malformed line in {SUMS_FILE}: {line!r}", files=[sums_path])
         expected[name.lstrip("*")] = digest
-    for name, digest in (read_pair_meta(directory).get("sha256") or {}).items():
+    for name, digest in read_pair_meta(directory).sha256.items():
         if expected.get(name, digest) != digest:
             raise DataError(f"{SUMS_FILE} and {META_FILE} record different sha256 for {name}",
                             files=[directory / name])
@@ -439,7 +440,7 @@ def export_release(
             "tensors_kept_float32": {n: s["kept_float32"] for n, s in storage.items()},
             "versions": versions(),
         }
-        atomic_write_json(staging / META_FILE, meta)
+        meta = write_pair_meta(staging, meta).to_dict()  # validated; paths relative to the project
 
         # Swap in: the stale marker goes first, pipeline.json and SHA256SUMS come last.
         for name in (META_FILE, SUMS_FILE):

@@ -273,8 +273,8 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
     """
     from pathlib import Path
 
-    from pipeline.io_utils import atomic_write_json
-    from pipeline.models.model_io import META_FILE, load_pair
+    from pipeline.models.model_io import load_pair
+    from pipeline.models.pair_artifact import write_pair_meta
     from pipeline.training.data_prep import prepare_data
 
     pair_dir = Path(pair_dir)
@@ -293,5 +293,5 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
     meta.update(result.params.to_json())
     meta["validation"] = {**(meta.get("validation") or {}), **result.to_json()}
     meta["calibration"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cal).items()}
-    atomic_write_json(pair_dir / META_FILE, meta)
+    write_pair_meta(pair_dir, meta)  # validated, model sums kept, paths made portable
     return result

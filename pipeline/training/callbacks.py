@@ -26,12 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
-import matplotlib
+import matplotlib.pyplot as plt  # the backend is the caller's (the commands choose Agg)
 
-matplotlib.use("Agg")  # headless: figures are written to files only
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.io_utils import atomic_save, atomic_write  # noqa: E402
+from pipeline.io_utils import atomic_save, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy
-from pipeline.paths import resolve_cache_dir, resolve_data_dir
+from pipeline.paths import latest_run, resolve_cache_dir, resolve_data_dir  # noqa: F401 - re-exported
 from pipeline.training.calibration import calibrate
 from pipeline.training.classifier_training import StageResult, train_classifier
 from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
@@ -61,16 +61,6 @@ def new_run_dir(config: Config) -> Path:
         n += 1
         candidate = root / f"{stamp}-{n}"
     return candidate
-
-
-def latest_run(runs_dir: str | os.PathLike) -> Path | None:
-    """The run that `<runs_dir>/LATEST` names (a folder name or an absolute path), or None."""
-    marker = Path(runs_dir) / LATEST_FILE
-    if not marker.is_file():
-        return None
-    name = marker.read_text(encoding="utf-8").strip()
-    path = Path(runs_dir) / name  # an absolute name replaces runs_dir
-    return path if name and path.is_dir() else None
 
 
 def mark_latest(run_dir: Path, runs_dir: Path) -> None:
