@@ -360,3 +360,20 @@ def test_minor_zero_page_tiff_make_quoting_and_terminal_escapes(synthetic_root, 
     line = next(ln for ln in dry.stdout.splitlines() if "pipeline diagnose" in ln)
     assert line.rstrip().endswith('diagnose scans/ x.png --out "a b"')
     assert diagnose.text("a\x1b[0m\nb") == "a b"
+
+
+def test_an_edited_release_pipeline_json_is_refused(tmp_path):
+    """A release lists pipeline.json in SHA256SUMS: editing its operating point is caught at load."""
+    from pipeline.models.pair_artifact import read_pair_meta
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in ("pipeline.json", "SHA256SUMS"):
+        shutil.copy(PROJECT_ROOT / "models" / name, release / name)
+    record = json.loads((release / "pipeline.json").read_text())
+    assert read_pair_meta(release).threshold == record["threshold"]
+    record["threshold"] = 0.05
+    (release / "pipeline.json").write_text(json.dumps(record))
+    with pytest.raises(DataError, match="pipeline.json has .* SHA256SUMS records"):
+        read_pair_meta(release)
+    assert read_pair_meta(release, allow_unverified=True).threshold == 0.05

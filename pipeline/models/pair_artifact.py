@@ -230,10 +230,39 @@ def read_pair_record(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+SUMS_FILE = "SHA256SUMS"  # a release's `sha256sum -c` list, which also covers pipeline.json
+
+
+def _check_listed_sum(directory: Path) -> None:
+    """When the pair has a `SHA256SUMS` listing `pipeline.json`, the file must match it (a release's
+    operating point cannot be edited unnoticed); DataError naming the file otherwise."""
+    import hashlib
+
+    sums, meta = directory / SUMS_FILE, directory / META_FILE
+    if not sums.is_file():
+        return
+    for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and name.strip() == META_FILE:
+            with open(meta, "rb") as fh:
+                actual = hashlib.file_digest(fh, "sha256").hexdigest()
+            if actual != digest.strip():
+                raise DataError(
+                    f"sha256 mismatch: {META_FILE} has {actual}, {SUMS_FILE} records {digest.strip()}; "
+                    "the operating point was edited after the release (re-run `make release`)",
+                    [meta],
+                )
+            return
+
+
 def read_pair_meta(directory: str | os.PathLike, *, allow_unverified: bool = False) -> PairArtifact:
-    """The validated `pipeline.json` of the pair in `directory` (see `PairArtifact.from_dict`)."""
+    """The validated `pipeline.json` of the pair in `directory` (see `PairArtifact.from_dict`),
+    checked against the pair's `SHA256SUMS` when it has one (unless `allow_unverified`)."""
     path = Path(directory) / META_FILE
-    return PairArtifact.from_dict(read_pair_record(directory), path, allow_unverified=allow_unverified)
+    record = read_pair_record(directory)
+    if not allow_unverified:
+        _check_listed_sum(Path(directory))
+    return PairArtifact.from_dict(record, path, allow_unverified=allow_unverified)
 
 
 def portable_paths(value: Any) -> Any:
