@@ -201,12 +201,7 @@ class PairArtifact:
     def to_dict(self) -> dict[str, Any]:
         """The full record: the standard keys (and the `segmenter_tile_size` mirror), then `extra`."""
         record: dict[str, Any] = {
-            "threshold": self.threshold,
-            "seg_threshold": self.seg_threshold,
-            "min_component_px": self.min_component_px,
-            "min_volume_px": self.min_volume_px,
-            "neighbour_weight": self.neighbour_weight,
-            "tile_size": self.tile_size,
+            **self.pipeline_settings(),
             "segmenter_tile_size": self.tile_size,  # for readers older than this module
             "classifier_image_size": self.classifier_image_size,
             "policy": self.policy,
