@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16",
                         help="how the weights are stored; the models compute in float32 either way "
                         "(default: float16)")
+    parser.add_argument("--segmenter-weights-dtype", choices=("float16", "float32"), default=None,
+                        help="the segmenter's storage when it differs from --weights-dtype")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing release (and a differing splits.csv) in --out")
     parser.add_argument("--max-mb", type=float, default=100.0, metavar="MB",
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir,
             args.out,
             weights_dtype=args.weights_dtype,
+            segmenter_weights_dtype=args.segmenter_weights_dtype,
             probe=ProbeSpec(n=args.probe_n, size=args.probe_size),
             probe_images=probe_images,
             max_total_bytes=int(args.max_mb * 1e6),

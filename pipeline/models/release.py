@@ -351,6 +351,7 @@ def export_release(
     out_dir: str | os.PathLike = DEFAULT_RELEASE_DIR,
     *,
     weights_dtype: str = "float16",
+    segmenter_weights_dtype: str | None = None,
     tolerance: Tolerance = Tolerance(),
     probe: ProbeSpec = ProbeSpec(),
     probe_images: np.ndarray | None = None,
@@ -362,6 +363,8 @@ def export_release(
     run_dir: a run directory holding the final pair (`classifier.keras`, `segmenter.keras`,
         `pipeline.json`, checked against its sha256) and `splits.csv`.
     weights_dtype: "float16" (weights stored in 16 bits, models still compute in float32) or "float32".
+    segmenter_weights_dtype: the segmenter's own storage (default: `weights_dtype`); a small
+        segmenter whose float16 copy drifts beyond tolerance can stay float32 at little cost.
     tolerance: allowed drift on the probe batch (`Tolerance`); probe: the synthetic batch (`ProbeSpec`).
     probe_images: optional real slices uint8 (N, H, W, 3) checked as well (e.g. a few test slices:
         trained models may be saturated, hence insensitive, on synthetic images).
@@ -374,8 +377,10 @@ def export_release(
     FileExistsError when `out_dir` already holds a release and `force` is false; `out_dir`
     is unchanged in both cases.
     """
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise ValueError(f"unknown weights dtype {weights_dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
+    dtypes = {CLASSIFIER_FILE: weights_dtype, SEGMENTER_FILE: segmenter_weights_dtype or weights_dtype}
+    for dtype in dtypes.values():
+        if dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"unknown weights dtype {dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
     if probe_images is not None:
         probe_images = np.asarray(probe_images)
         if probe_images.ndim != 4 or probe_images.shape[-1] != 3:
@@ -405,7 +410,7 @@ def export_release(
         storage: dict[str, dict[str, int]] = {}
         for name, model in zip(MODEL_FILES, reference, strict=True):
             save_model(model, staging / name)
-            storage[name] = store_weights_as(staging / name, weights_dtype)
+            storage[name] = store_weights_as(staging / name, dtypes[name])
         _check_size([staging / n for n in MODEL_FILES], max_total_bytes)
         shutil.copyfile(splits_src, staging / SPLITS_FILE)
 
@@ -429,7 +434,7 @@ def export_release(
         meta["sha256"] = hashes
         meta["release"] = {
             "source_run": _display_path(run_dir),
-            "weights_dtype": weights_dtype,
+            "weights_dtype": weights_dtype if len(set(dtypes.values())) == 1 else dtypes,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "training_policy": source.meta.get("policy"),
             "max_abs_diff": {"classifier": measured["classifier_max_abs_diff"],
@@ -457,7 +462,7 @@ def export_release(
     return {
         "out_dir": str(out_dir),
         "source_run": _display_path(run_dir),
-        "weights_dtype": weights_dtype,
+        "weights_dtype": weights_dtype if len(set(dtypes.values())) == 1 else dtypes,
         "files": {n: {"bytes": (out_dir / n).stat().st_size, "sha256": final_hashes[n]} for n in listed},
         "model_bytes": sum((out_dir / n).stat().st_size for n in MODEL_FILES),
         "source_model_bytes": sum((run_dir / n).stat().st_size for n in MODEL_FILES),
