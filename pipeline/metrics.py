@@ -36,6 +36,8 @@ import pandas as pd
 from keras import ops
 from sklearn import metrics as skm
 
+from pipeline.postprocessing import gate
+
 __all__ = [
     "EMPTY_CONVENTIONS",
     "BootstrapCI",
@@ -235,7 +237,7 @@ def classification_summary(labels, probs, threshold: float = 0.5) -> dict[str, A
     if not np.isin(labels, (0, 1)).all():
         raise ValueError(f"labels must be 0/1, got values {np.unique(labels)[:10].tolist()}")
     labels = labels.astype(np.int64)
-    preds = (probs >= threshold).astype(np.int64)
+    preds = gate(probs, threshold).astype(np.int64)
     notes: list[str] = []
 
     cm = skm.confusion_matrix(labels, preds, labels=[0, 1])

@@ -17,6 +17,19 @@ from pathlib import Path
 from pipeline.paths import PROJECT_ROOT
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "exploration.ipynb"
+# start-up chatter of TensorFlow and tqdm on stderr: says nothing about the data, so not kept
+NOISE = ("oneDNN custom operations", "absl::InitializeLog", "TqdmWarning", "cpu_feature_guard")
+
+
+def drop_noise(nb) -> None:
+    """Remove stderr outputs that only hold library start-up chatter (`NOISE`) from every cell."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [
+                out for out in cell.outputs
+                if not (out.output_type == "stream" and out.name == "stderr"
+                        and any(marker in out.text for marker in NOISE))
+            ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +46,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     from pipeline.io_utils import atomic_write
 
-    env = {"LGG_DATA_DIR": args.data_dir, "LGG_MODELS_DIR": args.models, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # absolute: the kernel runs in notebooks/, where a path relative to here means something else
+    env = {"LGG_DATA_DIR": os.path.abspath(args.data_dir), "LGG_MODELS_DIR": os.path.abspath(args.models),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
     if args.run:
-        env["LGG_RUN_DIR"] = args.run
+        env["LGG_RUN_DIR"] = os.path.abspath(args.run)
     if args.cache_dir:
-        env["LGG_CACHE_DIR"] = args.cache_dir
+        env["LGG_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     os.environ.update(env)  # the kernel inherits this process's environment
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=args.timeout, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    client = NotebookClient(nb, timeout=args.timeout, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        print(f"error: a cell failed; the notebook was not written\n{str(exc)[-2000:]}")
+        return 2
+    drop_noise(nb)
     text = nbformat.writes(nb)
     size_mb = len(text.encode("utf-8")) / 1e6
     if size_mb > args.max_mb:

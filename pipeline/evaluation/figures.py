@@ -18,6 +18,7 @@ from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
 from pipeline.inference.overlays import PREDICTION_COLOR, TRUTH_COLOR, overlay
 from pipeline.io_utils import atomic_save
+from pipeline.postprocessing import gate
 
 DPI = 110
 
@@ -45,7 +46,7 @@ def plot_roc_pr(
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
-    predicted = probabilities >= threshold if predicted is None else np.asarray(predicted, bool)
+    predicted = gate(probabilities, threshold) if predicted is None else np.asarray(predicted, bool)
     if len(np.unique(labels)) < 2:
         for ax in (ax_roc, ax_pr):
             ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")

@@ -26,6 +26,7 @@ from scipy.stats import rankdata
 
 from pipeline import metrics
 from pipeline.evaluation.predictions import SlicePredictions
+from pipeline.postprocessing import gate
 
 EMPTY = "one"  # see EMPTY_MASK_CONVENTION; the same rule as pipeline.metrics' default
 CI_ALPHA = 0.05
@@ -285,7 +286,7 @@ def confidence_section(
     labels = slices["has_tumor"].to_numpy().astype(int)
     probs = slices["probability"].to_numpy()
     # the classifier alone at the threshold, as `classifier_section` (the gate's decisions without one)
-    decided = slices["flagged"].to_numpy() if threshold is None else probs >= threshold
+    decided = slices["flagged"].to_numpy() if threshold is None else gate(probs, threshold)
     correct = (decided.astype(int) == labels).astype(float)
     groups = slices["patient_id"].to_numpy()
     common = {"n_boot": n_boot, "seed": seed, "alpha": CI_ALPHA}

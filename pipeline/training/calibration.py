@@ -186,7 +186,7 @@ def choose_point(grid: pd.DataFrame) -> pd.Series:
 def classifier_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
     """Validation slice metrics of the classifier at `threshold` (AUC is threshold-free)."""
     labels = np.asarray(labels).astype(bool)
-    pred = np.asarray(probs) >= threshold
+    pred = gate(probs, threshold)
     out: dict[str, Any] = {
         "accuracy": float(np.mean(pred == labels)),
         "sensitivity": float(pred[labels].mean()) if labels.any() else None,
