@@ -107,7 +107,8 @@ def train_segmenter(
     result = read_marker(stage_dir, "train")
     if result is not None:
         log.info(
-            "segmenter: already done (%d epochs, best val_dice %s), skipping", result.epochs_run, result.best
+            "segmenter: already done (%d epochs, best %s %s), skipping",
+            result.epochs_run, monitor, result.best,
         )
     else:
         started = time.monotonic()
