@@ -357,10 +357,11 @@ def test_the_committed_release_reads_as_a_pair_artifact():
     from pipeline.paths import PROJECT_ROOT
 
     artifact = read_pair_meta(PROJECT_ROOT / "models")
-    assert artifact.pipeline_settings() == {
-        "threshold": 0.45, "seg_threshold": 0.5, "min_component_px": 30, "min_volume_px": 0,
-        "neighbour_weight": 0.0, "tile_size": 256,
-    }  # fmt: skip
+    chosen = artifact.extra["validation"]  # the operating point calibration chose on validation
+    settings = artifact.pipeline_settings()
+    assert settings["tile_size"] == 256 and settings["seg_threshold"] == 0.5
+    for key in ("threshold", "min_component_px", "min_volume_px", "neighbour_weight"):
+        assert settings[key] == chosen[key], key
     assert (artifact.classifier_image_size, artifact.policy, artifact.verified) == (128, "float32", True)
     assert {"validation", "data", "config", "release", "durations_minutes", "versions"} <= set(artifact.extra)
     assert set(artifact.sha256) == {CLASSIFIER_FILE, SEGMENTER_FILE, SPLITS_FILE}

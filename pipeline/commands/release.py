@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir,
             args.out,
             weights_dtype=args.weights_dtype,
-            segmenter_weights_dtype=args.segmenter_weights_dtype,
+            segmenter_weights_dtype=getattr(args, "segmenter_weights_dtype", None),
             probe=ProbeSpec(n=args.probe_n, size=args.probe_size),
             probe_images=probe_images,
             max_total_bytes=int(args.max_mb * 1e6),
