@@ -31,7 +31,13 @@ import numpy as np
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy
-from pipeline.paths import latest_run, resolve_cache_dir, resolve_data_dir  # noqa: F401 - re-exported
+from pipeline.paths import (  # noqa: F401 - latest_run re-exported
+    LATEST_FILE,
+    LATEST_LINK,
+    latest_run,
+    resolve_cache_dir,
+    resolve_data_dir,
+)
 from pipeline.training.calibration import calibrate
 from pipeline.training.classifier_training import StageResult, train_classifier
 from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
@@ -43,8 +49,6 @@ from pipeline.training.segmenter_training import train_segmenter
 log = logging.getLogger(__name__)
 
 STAGES = ("classifier", "segmenter", "all")
-LATEST_FILE = "LATEST"
-LATEST_LINK = "latest"
 
 
 def runs_root(config: Config) -> Path:
