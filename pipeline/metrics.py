@@ -52,6 +52,7 @@ __all__ = [
     "iou_score",
     "patient_dice",
     "patient_scores",
+    "patient_scores_from_counts",
     "score_summary",
     "slice_scores",
 ]
@@ -169,7 +170,13 @@ def patient_scores(patient_ids: Sequence[str], masks, preds, threshold: float = 
     if len(patient_ids) != len(masks):
         raise ValueError(f"{len(patient_ids)} patient ids for {len(masks)} slices")
     tp, fp, fn = _per_slice_counts(masks, preds, threshold)
-    per_slice = pd.DataFrame({"patient_id": patient_ids, "tp": tp, "fp": fp, "fn": fn})
+    return patient_scores_from_counts(patient_ids, tp, fp, fn, empty)
+
+
+def patient_scores_from_counts(patient_ids: Sequence[str], tp, fp, fn, empty: Empty = "one") -> pd.DataFrame:
+    """`patient_scores` from per-slice counts already made (e.g. a `slice_scores` table's columns)."""
+    _check_empty(empty)
+    per_slice = pd.DataFrame({"patient_id": np.asarray(patient_ids), "tp": tp, "fp": fp, "fn": fn})
     out = per_slice.groupby("patient_id", sort=True).agg(
         n_slices=("tp", "size"), tp=("tp", "sum"), fp=("fp", "sum"), fn=("fn", "sum")).reset_index()
     out["gt_pixels"] = out["tp"] + out["fn"]

@@ -19,23 +19,12 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import pandas as pd
 
-from pipeline.metrics import dice_from_counts
+from pipeline import metrics
 
-__all__ = ["SELECTION_METRICS", "PipelineSelection", "volume_counts"]
+__all__ = ["SELECTION_METRICS", "PipelineSelection"]
 
 SELECTION_METRICS = ("val_patient_dice", "val_dice", "val_tumor_slice_dice")
-
-
-def volume_counts(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-slice TP, FP, FN (int64, (N,)) of 0/1 arrays (N, H, W)."""
-    gt, pred = np.asarray(gt) > 0, np.asarray(pred) > 0
-    axes = tuple(range(1, gt.ndim))
-    tp = (gt & pred).sum(axis=axes, dtype=np.int64)
-    fp = (~gt & pred).sum(axis=axes, dtype=np.int64)
-    fn = (gt & ~pred).sum(axis=axes, dtype=np.int64)
-    return tp, fp, fn
 
 
 class PipelineSelection(keras.callbacks.Callback):
@@ -50,7 +39,7 @@ class PipelineSelection(keras.callbacks.Callback):
         super().__init__()
         self.images = images
         self.masks = np.asarray(masks)
-        self.codes, self.patients = pd.factorize(np.asarray(patient_ids))
+        self.patient_ids = np.asarray(patient_ids)
         self.batch_size = int(batch_size)
         self.seg_threshold = float(seg_threshold)
 
@@ -67,19 +56,15 @@ class PipelineSelection(keras.callbacks.Callback):
         return out
 
     def scores(self, pred: np.ndarray) -> dict[str, float]:
-        tp, fp, fn = volume_counts(self.masks, pred)
-        n_pat = len(self.patients)
-        per_patient = dice_from_counts(
-            np.bincount(self.codes, tp, n_pat), np.bincount(self.codes, fp, n_pat),
-            np.bincount(self.codes, fn, n_pat), "one",
-        )
-        tumour = (tp + fn) > 0
-        slice_dice = dice_from_counts(tp[tumour], fp[tumour], fn[tumour], "one")
+        slices = metrics.slice_scores(self.masks, pred, empty="one")
+        tp, fp, fn = (slices[c].to_numpy() for c in ("tp", "fp", "fn"))
+        per_patient = metrics.patient_scores_from_counts(self.patient_ids, tp, fp, fn, "one")["dice"]
+        tumour = slices["gt_pixels"].to_numpy() > 0
         return {
-            "val_patient_dice": float(np.mean(per_patient)),
+            "val_patient_dice": float(per_patient.mean()),
             "val_fp_px_empty": float(fp[~tumour].sum()),
-            "val_dice": float(dice_from_counts(tp.sum(), fp.sum(), fn.sum(), "one")),
-            "val_tumor_slice_dice": float(np.mean(slice_dice)) if tumour.any() else 1.0,
+            "val_dice": float(metrics.dice_from_counts(tp.sum(), fp.sum(), fn.sum(), "one")),
+            "val_tumor_slice_dice": float(slices["dice"][tumour].mean()) if tumour.any() else 1.0,
         }
 
     def on_epoch_end(self, epoch, logs=None):
