@@ -32,11 +32,14 @@ __all__ = [
     "CONNECTIVITY_2D",
     "CONNECTIVITY_3D",
     "PostprocessParams",
+    "clean_volume",
     "gate",
     "neighbour_probabilities",
     "postprocess_mask",
     "postprocess_volume",
     "remove_small_volumes",
+    "volume_gate",
+    "volume_spans",
 ]
 
 CONNECTIVITY_2D = np.ones((3, 3), bool)  # 8-connectivity within a slice
@@ -112,22 +115,44 @@ def remove_small_volumes(volume: np.ndarray, min_volume_px: int) -> np.ndarray:
     return _drop_small(volume, min_volume_px, CONNECTIVITY_3D).astype(np.uint8)
 
 
+def volume_gate(probabilities: np.ndarray, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """The volume-aware gate on ONE patient's slices in slice order: (scores (S,), flagged (S,) bool)."""
+    scores = neighbour_probabilities(probabilities, params.neighbour_weight)
+    return scores, gate(scores, params.threshold)
+
+
+def clean_volume(masks: np.ndarray, flagged: np.ndarray, params: PostprocessParams) -> np.ndarray:
+    """One patient's 2D masks (S, H, W) -> uint8 (S, H, W): kept on `flagged` slices only, then
+    `remove_small_volumes` with `params.min_volume_px`."""
+    out = np.where(np.asarray(flagged)[:, None, None], np.asarray(masks) > 0, False)
+    if params.min_volume_px > 1:
+        out = remove_small_volumes(out, params.min_volume_px)
+    return out.astype(np.uint8)
+
+
 def postprocess_volume(
     probabilities: np.ndarray, masks: np.ndarray, params: PostprocessParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gate and clean one patient's slices, in slice order.
+    """Gate and clean one patient's slices, in slice order: `volume_gate`, then `clean_volume`.
 
     `probabilities` (S,) classifier outputs; `masks` (S, H, W) the segmenter's 2D masks
     (`postprocess_mask`) for every slice (slices the gate rejects may hold anything, they
-    are zeroed). Returns (gate scores (S,), flagged (S,) bool, final masks (S, H, W) uint8):
-    masks kept only on flagged slices, then `remove_small_volumes`.
+    are zeroed). Returns (gate scores (S,), flagged (S,) bool, final masks (S, H, W) uint8).
     """
-    scores = neighbour_probabilities(probabilities, params.neighbour_weight)
-    flagged = gate(scores, params.threshold)
-    out = np.where(flagged[:, None, None], np.asarray(masks) > 0, False)
-    if params.min_volume_px > 1:
-        out = remove_small_volumes(out, params.min_volume_px)
-    return scores, flagged, out.astype(np.uint8)
+    scores, flagged = volume_gate(probabilities, params)
+    return scores, flagged, clean_volume(masks, flagged, params)
+
+
+def volume_spans(volume_ids: np.ndarray) -> list[range]:
+    """Contiguous runs of equal study ids -> index ranges (ValueError when a study is split in two)."""
+    ids = np.asarray(volume_ids)
+    if len(ids) == 0:
+        return []
+    starts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+    spans = [range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    if len({ids[r.start] for r in spans}) != len(spans):
+        raise ValueError("the slices of each volume must be contiguous (sort by study, then slice)")
+    return spans
 
 
 def _drop_small(mask: np.ndarray, min_size: int, structure: np.ndarray) -> np.ndarray:

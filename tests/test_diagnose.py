@@ -418,3 +418,11 @@ def test_slices_of_a_study_are_diagnosed_as_one_volume(synthetic_root, tmp_path)
     assert sum(r["area_px"] for r in as_slices.rows) > 0
     single = diagnose.group_volumes([paths[0], paths[1]])  # two slices are not a study
     assert single == [[paths[0]], [paths[1]]]
+
+
+def test_a_threshold_override_reaches_the_volume_route(synthetic_root, tmp_path):
+    """`threshold=` on a ready pipeline applies to studies too, not only to single slices."""
+    result = run_diagnosis([synthetic_root], tmp_path / "out", pipeline=stub_pipeline(), threshold=0.99,
+                           progress=False)
+    assert result.settings["volumes"] and result.settings["threshold"] == 0.99
+    assert result.n_flagged == 0  # the stub's tumour slices score ~0.8, under 0.99

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation.predictions import run_pipeline, run_segmenter, volume_spans
+from pipeline.evaluation.predictions import run_pipeline, run_segmenter
 from pipeline.postprocessing import (
     PostprocessParams,
     gate,
     neighbour_probabilities,
     postprocess_volume,
     remove_small_volumes,
+    volume_spans,
 )
 from pipeline.training.calibration import calibrate_from_predictions, volume_grid
 from tests.inference_helpers import StubClassifier, StubSegmenter, expected_mask

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.postprocessing import remove_small_volumes
+from pipeline.postprocessing import remove_small_volumes, volume_spans
 
 
 class SliceResultLike(Protocol):
@@ -70,18 +70,6 @@ def _batches(n: int, batch_size: int) -> range:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return range(0, n, batch_size)
-
-
-def volume_spans(volume_ids: np.ndarray) -> list[range]:
-    """Contiguous runs of equal ids -> index ranges (ValueError when a volume is split in two)."""
-    ids = np.asarray(volume_ids)
-    if len(ids) == 0:
-        return []
-    starts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
-    spans = [range(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    if len({ids[r.start] for r in spans}) != len(spans):
-        raise ValueError("the slices of each volume must be contiguous (sort by study, then slice)")
-    return spans
 
 
 def run_pipeline(

@@ -43,9 +43,10 @@ from pipeline.inference.tiling import predict_tiled
 from pipeline.postprocessing import (
     CONNECTIVITY_2D,
     PostprocessParams,
+    clean_volume,
     gate,
     postprocess_mask,
-    postprocess_volume,
+    volume_gate,
 )
 from pipeline.preprocessing import FLAIR_CHANNEL
 
@@ -208,12 +209,6 @@ class TumorPipeline:
         min_volume_px: int = 0,
         neighbour_weight: float = 0.0,
     ) -> None:
-        # validates the ranges (ValueError naming the value)
-        self.params = PostprocessParams(
-            threshold=float(threshold), seg_threshold=float(seg_threshold),
-            min_component_px=int(min_component_px), min_volume_px=int(min_volume_px),
-            neighbour_weight=float(neighbour_weight),
-        )
         if batch_size < 1 or tile_size < 1:
             raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
         self.classifier = classifier
@@ -227,6 +222,17 @@ class TumorPipeline:
         self.min_volume_px = int(min_volume_px)
         self.neighbour_weight = float(neighbour_weight)
         self.meta: Any = None
+        _ = self.params  # validates the operating point now (ValueError naming the value)
+
+    @property
+    def params(self) -> PostprocessParams:
+        """The operating point as `PostprocessParams`, from the current attributes (which callers
+        such as `run_diagnosis` may override after construction)."""
+        return PostprocessParams(
+            threshold=self.threshold, seg_threshold=self.seg_threshold,
+            min_component_px=self.min_component_px, min_volume_px=self.min_volume_px,
+            neighbour_weight=self.neighbour_weight,
+        )
 
     @classmethod
     def from_dir(
@@ -356,11 +362,9 @@ class TumorPipeline:
             raise ValueError("predict_volume needs slices of one size (one patient's study)")
         probabilities = self.classify(images)
         params = self.params
-        scores, flagged, _ = postprocess_volume(
-            probabilities, np.zeros((len(images), 1, 1), np.uint8), params
-        )
+        _, flagged = volume_gate(probabilities, params)
         masks = np.stack(self._segment_flagged(images, np.flatnonzero(flagged)))
-        _, _, masks = postprocess_volume(probabilities, masks, params)
+        masks = clean_volume(masks, flagged, params)
         return [
             measure(image, masks[i], probabilities[i], bool(flagged[i])) for i, image in enumerate(images)
         ]

@@ -39,8 +39,9 @@ from pipeline.postprocessing import (
     CONNECTIVITY_3D,
     PostprocessParams,
     gate,
-    neighbour_probabilities,
     postprocess_mask,
+    volume_gate,
+    volume_spans,
 )
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ def volume_grid(
     """
     probs = np.asarray(probs, dtype=np.float64)
     gt = np.asarray(gt_masks) > 0
-    codes, uniques = pd.factorize(np.asarray(volume_ids))
-    if np.any(np.diff(codes) < 0):  # factorize numbers patients by first appearance
-        raise ValueError("the slices of each patient must be contiguous (index order)")
-    spans = [np.flatnonzero(codes == c) for c in range(len(uniques))]
+    spans = [np.arange(r.start, r.stop) for r in volume_spans(volume_ids)]
     gt_total = [int(gt[idx].sum()) for idx in spans]
     vols = sorted({int(v) for v in min_volume_px})
     rows = []
@@ -143,11 +141,11 @@ def volume_grid(
         points = [(None, 0.0)] + [(float(t), float(w)) for w in sorted(set(neighbour_weights))
                                   for t in sorted(set(thresholds))]
         for t, w in points:
+            params = None if t is None else PostprocessParams(threshold=t, neighbour_weight=w)
             per_vol = np.zeros((len(vols), len(spans), 3))  # tp, fp, fn
             flagged_total = 0
             for p_i, idx in enumerate(spans):
-                flagged = (np.ones(len(idx), bool) if t is None
-                           else gate(neighbour_probabilities(probs[idx], w), t))
+                flagged = np.ones(len(idx), bool) if params is None else volume_gate(probs[idx], params)[1]
                 flagged_total += int(flagged.sum())
                 key = (p_i, flagged.tobytes())
                 if key not in cache:
