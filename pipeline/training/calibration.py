@@ -262,6 +262,22 @@ def calibrate_from_predictions(
     return result
 
 
+def calibrate_on_validation(classifier: keras.Model, segmenter: keras.Model, data, cal, grid_csv,
+                            batch_size: int = 16) -> CalibrationResult:
+    """`calibrate` on every slice of the validation patients of `data` (`TrainingData`) with the
+    grid of `cal` (`CalibrationConfig`), one volume per study; the grid goes to `grid_csv`."""
+    pos = data.val_pos
+    result = calibrate(
+        classifier, segmenter,
+        np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos]),
+        data.index["case"].to_numpy()[pos],  # one volume per study, slices in index (slice) order
+        cal.thresholds, cal.min_component_px, cal.mask_threshold,
+        batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
+    )
+    result.grid.to_csv(grid_csv, index=False)
+    return result
+
+
 def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResult:
     """Re-choose the operating point of the pair in `pair_dir` on the validation patients of
     `config.data` and rewrite its `pipeline.json` (the model files, and so their sha256, stay).
@@ -277,16 +293,9 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
 
     pair_dir = Path(pair_dir)
     pair = load_pair(pair_dir)
-    data = prepare_data(config.data)
-    pos = data.val_pos
     cal = config.calibration
-    result = calibrate(
-        pair.classifier, pair.segmenter,
-        np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos]),
-        data.index["case"].to_numpy()[pos], cal.thresholds, cal.min_component_px, cal.mask_threshold,
-        batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
-    )
-    result.grid.to_csv(pair_dir / "calibration_grid.csv", index=False)
+    result = calibrate_on_validation(pair.classifier, pair.segmenter, prepare_data(config.data), cal,
+                                     pair_dir / "calibration_grid.csv", batch_size)
     meta = dict(pair.meta)
     meta.update(result.params.to_json())
     meta["validation"] = {**(meta.get("validation") or {}), **result.to_json()}

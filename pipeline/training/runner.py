@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
@@ -38,7 +37,7 @@ from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     resolve_cache_dir,
     resolve_data_dir,
 )
-from pipeline.training.calibration import calibrate
+from pipeline.training.calibration import calibrate_on_validation
 from pipeline.training.classifier_training import StageResult, train_classifier
 from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
@@ -184,22 +183,10 @@ def train_run(
 def _calibrate_and_save(
     config: Config, data: TrainingData, results: dict[str, StageResult], run_dir: Path, policy: str
 ) -> dict[str, Any]:
-    cal = config.calibration
-    pos = data.val_pos
-    result = calibrate(
-        results["classifier"].model,
-        results["segmenter"].model,
-        np.asarray(data.arrays.images[pos]),
-        np.asarray(data.arrays.masks[pos]),
-        data.index["case"].to_numpy()[pos],  # one volume per study, slices in index (slice) order
-        cal.thresholds,
-        cal.min_component_px,
-        cal.mask_threshold,
-        batch_size=config.segmenter.batch_size,
-        neighbour_weights=cal.neighbour_weights,
-        min_volume_px=cal.min_volume_px,
+    result = calibrate_on_validation(
+        results["classifier"].model, results["segmenter"].model, data, config.calibration,
+        run_dir / "calibration_grid.csv", batch_size=config.segmenter.batch_size,
     )
-    result.grid.to_csv(run_dir / "calibration_grid.csv", index=False)
     meta = {
         **result.params.to_json(),
         "classifier_image_size": config.classifier.image_size,
