@@ -410,6 +410,25 @@ def group_volumes(paths: Sequence[Path]) -> list[list[Path]]:
     return units
 
 
+def _work_units(paths: Sequence[Path], batch_size: int, volumes: bool) -> list[tuple[list[Path], bool]]:
+    """(inputs, is a study) in the order they are diagnosed and journalled: each study whole
+    (`group_volumes`, when `volumes`), single slices in batches of `batch_size`."""
+    units = group_volumes(paths) if volumes else [[p] for p in paths]
+    work: list[tuple[list[Path], bool]] = []
+    singles: list[Path] = []
+    for unit in units:
+        if len(unit) > 1:
+            work.append((unit, True))
+        else:
+            singles += unit
+            if len(singles) == batch_size:
+                work.append((singles, False))
+                singles = []
+    if singles:
+        work.append((singles, False))
+    return work
+
+
 def _predict_volume(pipe: Any, images: list[np.ndarray]) -> list[Any]:
     """`pipe.predict_volume` on one study; slice by slice (2D) if the volume route fails."""
     try:
@@ -603,20 +622,7 @@ def run_diagnosis(
         disable=not progress,
         dynamic_ncols=True,
     ) as bar:
-        units = group_volumes(todo) if settings["volumes"] else [[p] for p in todo]
-        work: list[tuple[list[Path], bool]] = []
-        singles: list[Path] = []
-        for unit in units:  # single slices travel in batches of batch_size, studies whole
-            if len(unit) > 1:
-                work.append((unit, True))
-            else:
-                singles += unit
-                if len(singles) == batch_size:
-                    work.append((singles, False))
-                    singles = []
-        if singles:
-            work.append((singles, False))
-        for batch, is_volume in work:
+        for batch, is_volume in _work_units(todo, batch_size, settings["volumes"]):
             batch_rows: dict[Path, dict[str, Any]] = {}
             loaded: list[tuple[Path, np.ndarray]] = []
             for path in batch:
