@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = compare_evaluations(args.baseline, args.candidate, n_boot=args.n_boot)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render_comparison(result), end="")
     if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from pipeline.paths import PROJECT_ROOT
@@ -63,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         client.execute()
     except CellExecutionError as exc:
-        print(f"error: a cell failed; the notebook was not written\n{str(exc)[-2000:]}")
+        print(f"error: a cell failed; the notebook was not written\n{str(exc)[-2000:]}", file=sys.stderr)
         return 2
     drop_noise(nb)
     text = nbformat.writes(nb)
     size_mb = len(text.encode("utf-8")) / 1e6
     if size_mb > args.max_mb:
-        print(f"error: the executed notebook is {size_mb:.1f} MB, above --max-mb {args.max_mb}; not written")
+        print(f"error: the executed notebook is {size_mb:.1f} MB, above --max-mb {args.max_mb}; not written",
+              file=sys.stderr)
         return 2
     with atomic_write(args.out, "w", encoding="utf-8") as fh:
         fh.write(text)
