@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.benchmarks import run_worker, worker_main
+from pipeline.data.synthetic_slices import TUMOUR_SHARE
 
 SLICE_SIZE = 256
-TUMOUR_SHARE = 1 / 3
 TARGET_SLICES_PER_S = 40.0
 DEFAULT_N_SLICES = 96
 DEFAULT_BASELINE_SLICES = 24
@@ -114,30 +114,6 @@ def _dataset_slices(root: Path, n: int, seed: int = 0):
     return [images[i] for i in order], len(tumour)
 
 
-def _synthetic_slices(n: int, seed: int = 0):
-    """n synthetic 256x256 slices, round(n / 3) with a bright FLAIR ellipse (see module docstring)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SLICE_SIZE, :SLICE_SIZE].astype(np.float32)
-    c = SLICE_SIZE / 2
-    brain = ((yy - c) ** 2 + (xx - c) ** 2) < (0.42 * SLICE_SIZE) ** 2
-    n_tumour = round(n * TUMOUR_SHARE)
-    images = []
-    for i in range(n):
-        image = np.zeros((SLICE_SIZE, SLICE_SIZE, 3), np.float32)
-        for ch, level in enumerate((70, 90, 80)):
-            image[..., ch] = brain * (level + rng.normal(0, 6, brain.shape))
-        if i < n_tumour:
-            cy, cx = rng.uniform(0.35 * SLICE_SIZE, 0.65 * SLICE_SIZE, 2)
-            ry, rx = rng.uniform(0.05 * SLICE_SIZE, 0.15 * SLICE_SIZE, 2)
-            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-            image[blob, 1] += 110
-        images.append(np.clip(image, 0, 255).astype(np.uint8))
-    order = rng.permutation(n)
-    return [images[i] for i in order], n_tumour
-
-
 def load_slices(data_dir: str | None, n: int) -> tuple[list, int, str]:
     """(slices, number with tumour, where they came from)."""
     root = _dataset_root(data_dir)
@@ -145,7 +121,9 @@ def load_slices(data_dir: str | None, n: int) -> tuple[list, int, str]:
         images, n_tumour = _dataset_slices(root, n)
         if len(images) >= min(n, 3):
             return images, n_tumour, f"dataset {root}"
-    images, n_tumour = _synthetic_slices(n)
+    from pipeline.data.synthetic_slices import synthetic_slices
+
+    images, n_tumour = synthetic_slices(n, SLICE_SIZE)
     return images, n_tumour, "synthetic 256x256 slices (no dataset found)"
 
 

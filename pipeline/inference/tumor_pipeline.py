@@ -22,14 +22,23 @@ other size goes through the overlap-tile strategy (`pipeline.inference.tiling`),
 smaller slices by mirroring and tiles larger ones, so sides that are not multiples of the
 ResUNet's 2^depth are handled too.
 
-Precision: the models run with the dtype policy they were built or saved with (Keras stores
-it per layer); both keep their normalisation and sigmoid outputs in float32. The pipeline
-does not change any policy; to run in mixed precision, build or load the models under it
-(`pipeline.models.precision`).
+Backends (`pipeline.inference.backends`): the two models run through runners, `keras` (the
+reference, the default of the constructor) or `openvino` (the models' cached OpenVINO IR on the
+CPU, checked against Keras when first exported); `auto` picks OpenVINO on a CPU when it is
+installed. If `auto` cannot use OpenVINO (export failed, disagreement), it falls back to Keras
+with a warning; an explicit `openvino` raises instead. The Keras models stay on the pipeline
+(`classifier`, `segmenter`) for Grad-CAM.
+
+Precision: under Keras the models run with the dtype policy they were built or saved with
+(Keras stores it per layer); both keep their normalisation and sigmoid outputs in float32.
+The pipeline does not change any policy; to run in mixed precision, build or load the models
+under it (`pipeline.models.precision`). Under OpenVINO the precision is a compile hint
+(`precision`: auto, f32, bf16; see `backends.openvino_runner`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,6 +48,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from pipeline.inference.backends import AUTO, BackendError, make_runner, resolve_backend
 from pipeline.inference.tiling import predict_tiled
 from pipeline.postprocessing import (
     CONNECTIVITY_2D,
@@ -51,6 +61,8 @@ from pipeline.postprocessing import (
 from pipeline.preprocessing import FLAIR_CHANNEL
 
 __all__ = ["SliceResult", "TumorPipeline", "brain_mask", "measure"]
+
+log = logging.getLogger(__name__)
 
 BRAIN_THRESHOLD = 10  # FLAIR grey level above which a pixel counts as brain (background is ~0)
 CONNECTIVITY = CONNECTIVITY_2D  # 8-connectivity: diagonal neighbours belong to one component
@@ -155,12 +167,12 @@ def batch_bucket(n: int, size: int) -> int:
 
 
 def _predict_fixed_batch(model: Any, batch: np.ndarray, size: int) -> np.ndarray:
-    """`model.predict_on_batch` on `batch` in chunks of `size` -> float32 outputs for `batch`.
+    """`model.predict_on_batch` (a backend runner's) on `batch` in chunks of `size` -> float32 outputs.
 
     Each chunk is zero-padded to a power-of-two length (`batch_bucket`): Keras traces its
-    predict function once per input shape (seconds each on a CPU), so a handful of fixed
-    lengths bound the tracing, while a chunk of 5 flagged slices costs 8, not `size`, slices
-    of compute.
+    predict function once per input shape (seconds each on a CPU) and OpenVINO compiles one
+    static shape each, so a handful of fixed lengths bound that work, while a chunk of 5
+    flagged slices costs 8, not `size`, slices of compute.
     """
     outs = []
     for start in range(0, max(1, len(batch)), size):
@@ -194,6 +206,10 @@ class TumorPipeline:
         are tiled (`predict_tiled`).
     batch_size: slices (or tiles) per model call.
     tile_overlap: overlap of neighbouring tiles for slices that are tiled.
+    backend: `keras` (default), `openvino` or `auto` (module docstring); `backend_name` is the one in use.
+    precision: OpenVINO's precision hint, `auto`, `f32` or `bf16` (ignored by Keras).
+    model_sha256: {"classifier": ..., "segmenter": ...} sha256 of the model files, the OpenVINO
+        cache key (`from_dir` passes the pair's); without it the models' weights are hashed.
     """
 
     def __init__(
@@ -208,6 +224,9 @@ class TumorPipeline:
         tile_overlap: float = 0.25,
         min_volume_px: int = 0,
         neighbour_weight: float = 0.0,
+        backend: str = "keras",
+        precision: str = AUTO,
+        model_sha256: dict[str, str] | None = None,
     ) -> None:
         if batch_size < 1 or tile_size < 1:
             raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
@@ -223,6 +242,29 @@ class TumorPipeline:
         self.neighbour_weight = float(neighbour_weight)
         self.meta: Any = None
         _ = self.params  # validates the operating point now (ValueError naming the value)
+        self._use_backend(backend, precision, model_sha256 or {})
+
+    def _use_backend(self, backend: str, precision: str, sha256: dict[str, str]) -> None:
+        name = resolve_backend(backend)
+        try:
+            runners = [make_runner(model, name, sha256=sha256.get(role), precision=precision)
+                       for role, model in (("classifier", self.classifier), ("segmenter", self.segmenter))]
+        except BackendError as exc:
+            if backend != AUTO:
+                raise
+            log.warning("backend auto: %s; using keras", exc)
+            runners = [make_runner(model, "keras") for model in (self.classifier, self.segmenter)]
+        self.classifier_runner, self.segmenter_runner = runners
+        self.backend_name = self.classifier_runner.name
+
+    @property
+    def backend_info(self) -> dict[str, Any]:
+        """{"backend", "classifier_precision", "segmenter_precision"}: what runs the models (for reports)."""
+        return {
+            "backend": self.backend_name,
+            "classifier_precision": self.classifier_runner.precision,
+            "segmenter_precision": self.segmenter_runner.precision,
+        }
 
     @property
     def params(self) -> PostprocessParams:
@@ -245,7 +287,8 @@ class TumorPipeline:
         dtype policy they were saved with. `allow_unverified`: load a pair whose `pipeline.json`
         records no sha256 of its model files (refused otherwise; see `load_pair`).
 
-        `overrides` (e.g. `threshold=0.4`, `batch_size=32`) win over the saved values; None is ignored.
+        `overrides` (e.g. `threshold=0.4`, `batch_size=32`, `backend="openvino"`) win over the
+        saved values; None is ignored. The pair's recorded sha256 sums key the OpenVINO cache.
         """
         from pipeline.models import model_io
         from pipeline.models.pair_artifact import PairArtifact
@@ -259,6 +302,12 @@ class TumorPipeline:
             artifact = PairArtifact.from_dict(pair.meta, allow_unverified=True)
         settings = artifact.pipeline_settings()
         settings.update({k: v for k, v in overrides.items() if v is not None})
+        from pipeline.models.model_io import CLASSIFIER_FILE, SEGMENTER_FILE
+
+        sums = artifact.sha256
+        settings.setdefault("model_sha256", {role: sums[name] for role, name in
+                                             (("classifier", CLASSIFIER_FILE), ("segmenter", SEGMENTER_FILE))
+                                             if name in sums})
         pipeline = cls(pair.classifier, pair.segmenter, **settings)
         pipeline.meta = pair.meta
         return pipeline
@@ -274,13 +323,13 @@ class TumorPipeline:
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
                 batch = np.stack([images[i] for i in chunk])
-                out = _predict_fixed_batch(self.classifier, batch, step).astype(np.float64)
+                out = _predict_fixed_batch(self.classifier_runner, batch, step).astype(np.float64)
                 probabilities[chunk] = out.reshape(len(chunk), -1)[:, 0]
         return probabilities
 
     def _segmenter_fn(self) -> Callable[[np.ndarray], np.ndarray]:
         def predict(batch: np.ndarray) -> np.ndarray:
-            return _predict_fixed_batch(self.segmenter, batch, self.batch_size)
+            return _predict_fixed_batch(self.segmenter_runner, batch, self.batch_size)
 
         return predict
 
@@ -378,5 +427,5 @@ class TumorPipeline:
             f"TumorPipeline(threshold={self.threshold}, seg_threshold={self.seg_threshold}, "
             f"min_component_px={self.min_component_px}, min_volume_px={self.min_volume_px}, "
             f"neighbour_weight={self.neighbour_weight}, tile_size={self.tile_size}, "
-            f"batch_size={self.batch_size})"
+            f"batch_size={self.batch_size}, backend={self.backend_name!r})"
         )

@@ -1,0 +1,66 @@
+"""Does a backend compute what Keras computes? The tolerances, and the check run at export.
+
+Tolerances (issue #13), on the same float32 inputs:
+* a probability output (classifier, (B, 1)): every probability within `PROBABILITY_TOL` of Keras;
+* a map output (segmenter, (B, H, W, 1)): at least `MASK_AGREEMENT` of the pixels on the same
+  side of `MASK_THRESHOLD` as Keras (the masks agree), whatever the probabilities' drift.
+
+Gate decisions then agree except for slices within `PROBABILITY_TOL` of the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MASK_AGREEMENT",
+    "MASK_THRESHOLD",
+    "PROBABILITY_TOL",
+    "agreement",
+    "check_agreement",
+    "probe_batch",
+]
+
+PROBABILITY_TOL = 1e-2
+MASK_AGREEMENT = 0.995
+MASK_THRESHOLD = 0.5
+PROBE_SLICES = 8
+
+
+def probe_batch(model: Any, n: int = PROBE_SLICES, size: int = 256) -> np.ndarray:
+    """float32 (n, H, W, 3) brain-like synthetic slices at the model's input size (`size` if free)."""
+    from pipeline.data.synthetic_slices import synthetic_slices
+
+    shape = tuple(getattr(model, "input_shape", (None, None, None, 3)))
+    height = shape[1] or size
+    width = shape[2] or size
+    slices, _ = synthetic_slices(n, max(height, width), seed=7, tumour_share=0.5)
+    return np.stack(slices)[:, :height, :width].astype(np.float32)
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Compare two outputs of one model -> {"kind", "max_abs_diff", "mask_agreement", "ok"}."""
+    reference = np.asarray(reference, np.float32)
+    candidate = np.asarray(candidate, np.float32)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"outputs differ in shape: {reference.shape} and {candidate.shape}")
+    diff = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
+    if reference.ndim <= 2:  # one probability per slice
+        return {"kind": "probability", "max_abs_diff": diff, "ok": diff <= PROBABILITY_TOL}
+    same = (reference > MASK_THRESHOLD) == (candidate > MASK_THRESHOLD)
+    share = float(same.mean()) if same.size else 1.0
+    return {"kind": "map", "max_abs_diff": diff, "mask_agreement": share, "ok": share >= MASK_AGREEMENT}
+
+
+def check_agreement(
+    model: Any, predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Run `predict` (a backend) and Keras `model` on `inputs` (default `probe_batch`) -> `agreement`."""
+    x = probe_batch(model) if inputs is None else np.asarray(inputs, np.float32)
+    reference = np.asarray(model.predict_on_batch(x), np.float32)
+    result = agreement(reference, predict(x))
+    result["n_slices"] = int(len(x))
+    return result

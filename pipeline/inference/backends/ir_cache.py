@@ -1,0 +1,161 @@
+"""OpenVINO IR files of a Keras model, exported once and cached by the model's sha256.
+
+Layout under the cache root (`$LGG_CACHE_DIR/openvino`, default `.cache/openvino`):
+
+    <sha256[:32]>-ov<openvino version>/
+        model.xml, model.bin   the IR (`keras.Model.export(format="openvino")`, dynamic batch;
+                               the runner reshapes it to static batch shapes before compiling)
+        manifest.json          model_sha256 (full), openvino and keras versions, the IR files'
+                               sha256, and what the runner records: agreement checks per
+                               precision, the precision chosen per CPU
+        compiled/              OpenVINO's own compiled-blob cache (`CACHE_DIR`)
+
+A directory is used only when its manifest names the same model sha256 and OpenVINO version
+and its IR files still have the recorded sums; anything else (a damaged or half-written
+entry, a file changed by hand) is logged and exported again - a stale IR is never reused.
+Exports are written to a temporary directory and renamed into place, so an interrupted
+export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io_utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IREntry", "cache_root", "cached_ir", "model_fingerprint"]
+
+MANIFEST = "manifest.json"
+IR_XML = "model.xml"
+IR_BIN = "model.bin"
+COMPILED = "compiled"
+FORMAT = 1  # bump when the meaning of the manifest or the export changes
+
+
+def cache_root(flag: str | os.PathLike | None = None) -> Path:
+    """The IR cache root: `<flag or $LGG_CACHE_DIR or .cache>/openvino`."""
+    from pipeline.paths import resolve_cache_dir
+
+    return resolve_cache_dir(flag) / "openvino"
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 over a model's config and weights: the cache key of a model that has no file."""
+    digest = hashlib.sha256(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for weights in model.get_weights():
+        array = np.ascontiguousarray(weights)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import openvino
+
+    return {"openvino": openvino.__version__.split("-")[0], "keras": keras.__version__}
+
+
+class IREntry:
+    """One cache directory: the IR of one model file, and its manifest."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+
+    @property
+    def xml(self) -> Path:
+        return self.directory / IR_XML
+
+    @property
+    def compiled_dir(self) -> Path:
+        return self.directory / COMPILED
+
+    def record(self, key: str, value: Any) -> None:
+        """Store `value` under `key` in the manifest (merged into a dict there), written atomically."""
+        current = self.manifest.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            value = {**current, **value}
+        self.manifest[key] = value
+        atomic_write_json(self.directory / MANIFEST, self.manifest)
+
+
+def _problem(directory: Path, sha256: str, versions: dict[str, str]) -> str | None:
+    """Why `directory` cannot be used for the model `sha256`, or None when it can."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"no readable {MANIFEST} ({type(exc).__name__})"
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} is not an object"
+    if manifest.get("format") != FORMAT:
+        return f"manifest format {manifest.get('format')!r}, this code writes {FORMAT}"
+    if manifest.get("model_sha256") != sha256:
+        return f"it was exported from model {str(manifest.get('model_sha256'))[:12]}..., not {sha256[:12]}..."
+    if manifest.get("openvino") != versions["openvino"]:
+        return f"exported with OpenVINO {manifest.get('openvino')}, this is {versions['openvino']}"
+    for name in (IR_XML, IR_BIN):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _file_sha256(path) != manifest.get("ir_sha256", {}).get(name):
+            return f"{name} does not match the sum in {MANIFEST}"
+    return None
+
+
+def _load(directory: Path) -> IREntry:
+    return IREntry(directory, json.loads((directory / MANIFEST).read_text(encoding="utf-8")))
+
+
+def cached_ir(model: Any, sha256: str, root: str | os.PathLike | None = None) -> tuple[IREntry, bool]:
+    """The cache entry of `model` (whose `.keras` file has `sha256`), exporting it if needed.
+
+    Returns (entry, exported): `exported` is True when the IR was (re)built by this call.
+    """
+    versions = _versions()
+    root = Path(root) if root is not None else cache_root()
+    directory = root / f"{sha256[:32]}-ov{versions['openvino']}"
+    if directory.exists():
+        problem = _problem(directory, sha256, versions)
+        if problem is None:
+            return _load(directory), False
+        log.warning("OpenVINO cache %s is not used: %s; exporting the model again", directory, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+    try:
+        model.export(str(tmp / IR_XML), format="openvino", verbose=False)
+        manifest = {
+            "format": FORMAT,
+            "model_sha256": sha256,
+            **versions,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ir_sha256": {name: _file_sha256(tmp / name) for name in (IR_XML, IR_BIN)},
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process put a complete entry there first: use that one
+            if _problem(directory, sha256, versions) is not None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to OpenVINO IR in %s", sha256[:12], directory)
+    return _load(directory), True

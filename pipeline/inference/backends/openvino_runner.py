@@ -1,0 +1,196 @@
+"""The OpenVINO backend: a Keras model's cached IR, compiled per static batch shape, on the CPU.
+
+Why static shapes: the IR Keras exports has a dynamic batch dimension, which the CPU plugin
+runs at less than half the speed of a fixed one. The pipeline already pads every batch to a
+power-of-two bucket, so the runner compiles one reshaped copy per bucket it meets (a fraction
+of a second each; OpenVINO's `CACHE_DIR` keeps the compiled blobs between runs).
+
+Why several requests: the CPU plugin is compiled with `NUM_STREAMS` streams (`default_streams`:
+as many as the plugin allows on this machine, at most `MAX_STREAMS`), a batch is split into that
+many equal parts, which run side by side (asynchronous requests release the GIL) and are joined
+in order. On 2 cores that is ~15-25 % faster than one request on the whole batch.
+
+Precision (`INFERENCE_PRECISION_HINT`), `precision="auto"`:
+* no native bfloat16 (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks BF16) -> f32;
+* AMX (`amx_bf16` in /proc/cpuinfo)                                   -> bf16;
+* AVX512-BF16 without AMX: it depends on the CPU (bf16 measured 2x faster on an AMD EPYC, slower
+  on an Intel Xeon), so both are timed once on the model and the faster is kept - bf16 only when
+  >= `BF16_MARGIN` faster, as it is the less exact - and recorded per CPU in the cache manifest.
+`f32` / `bf16` force a hint. Every precision is checked against Keras (`agreement`) the first
+time it is used with a model; a disagreement raises BackendError.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.inference.backends import AUTO, BackendError
+from pipeline.inference.backends.agreement import check_agreement, probe_batch
+from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PRECISIONS", "OpenVINORunner", "choose_precision", "cpu_key", "openvino_runner"]
+
+PRECISIONS = ("f32", "bf16")
+BF16_MARGIN = 1.10
+MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
+TIMING_REPEATS = 3
+_CORE: Any = None
+
+
+def core() -> Any:
+    """The process's one `openvino.Core` (plugins load once)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+def native_bf16() -> bool:
+    """True when OpenVINO's CPU plugin runs bfloat16 natively on this machine."""
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def has_amx() -> bool:
+    """True when /proc/cpuinfo lists AMX-BF16."""
+    from pipeline.models.precision import cpu_flags
+
+    return "amx_bf16" in cpu_flags()
+
+
+def cpu_key() -> str:
+    """This CPU, for the per-CPU precision record: model name and the flags that matter."""
+    from pipeline.models.precision import cpu_flags
+
+    name = core().get_property("CPU", "FULL_DEVICE_NAME") or platform.processor()
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"})
+    return f"{name} [{' '.join(flags)}] x{os.cpu_count()}"
+
+
+def default_streams() -> int:
+    """Streams (parallel requests) for this CPU: the plugin's upper bound, at most MAX_STREAMS."""
+    low_high = core().get_property("CPU", "RANGE_FOR_STREAMS")
+    return max(1, min(MAX_STREAMS, int(low_high[-1])))
+
+
+class OpenVINORunner:
+    """`predict_on_batch` through OpenVINO: float32 (B, H, W, 3) -> float32 outputs.
+
+    xml: the IR file; precision: `f32` or `bf16`; compiled_dir: OpenVINO's blob cache (or None);
+    streams: parallel requests per batch (default `default_streams()`).
+    """
+
+    name = "openvino"
+
+    def __init__(self, xml: str | os.PathLike, precision: str = "f32",
+                 compiled_dir: str | os.PathLike | None = None, streams: int | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown OpenVINO precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.xml = Path(xml)
+        self.precision = precision
+        self.compiled_dir = Path(compiled_dir) if compiled_dir else None
+        self._model: Any = None
+        self._compiled: dict[tuple[int, ...], list[Any]] = {}
+        self.streams = int(streams) if streams else default_streams()
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "NUM_STREAMS": self.streams}
+        if self.compiled_dir is not None:
+            config["CACHE_DIR"] = str(self.compiled_dir)
+        return config
+
+    def _requests(self, shape: tuple[int, ...]) -> list[Any]:
+        if shape not in self._compiled:
+            if self._model is None:
+                self._model = core().read_model(str(self.xml))
+            model = self._model.clone()
+            model.reshape(list(shape))
+            compiled = core().compile_model(model, "CPU", self._config())
+            self._compiled[shape] = [compiled.create_infer_request() for _ in range(self.streams)]
+        return self._compiled[shape]
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        n = len(x)
+        if n == 0:
+            raise ValueError("predict_on_batch needs at least one slice")
+        parts = min(self.streams, n)
+        part = math.ceil(n / parts)
+        if part * parts != n:  # equal parts keep one compiled shape per bucket
+            x = np.concatenate([x, np.zeros((part * parts - n, *x.shape[1:]), np.float32)])
+        requests = self._requests((part, *x.shape[1:]))
+        for i in range(parts):
+            requests[i].start_async({0: x[i * part : (i + 1) * part]})
+        outs = []
+        for i in range(parts):
+            requests[i].wait()
+            outs.append(np.array(requests[i].get_output_tensor(0).data, np.float32))
+        return np.concatenate(outs)[:n]
+
+
+def _rate(runner: OpenVINORunner, x: np.ndarray) -> float:
+    runner.predict_on_batch(x)  # compile and warm up
+    start = time.perf_counter()
+    for _ in range(TIMING_REPEATS):
+        runner.predict_on_batch(x)
+    return TIMING_REPEATS * len(x) / (time.perf_counter() - start)
+
+
+def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
+    """The precision hint for `model` on this CPU (module docstring); times f32 and bf16 when it must."""
+    if requested != AUTO:
+        if requested not in PRECISIONS:
+            raise ValueError(f"unknown OpenVINO precision {requested!r}; valid: {AUTO}, {', '.join(PRECISIONS)}")
+        return requested
+    if not native_bf16():
+        return "f32"
+    if has_amx():
+        return "bf16"
+    key = cpu_key()
+    known = entry.manifest.get("precision_by_cpu", {}).get(key)
+    if isinstance(known, dict) and known.get("chosen") in PRECISIONS:
+        return known["chosen"]
+    x = probe_batch(model)
+    rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
+    chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
+    entry.record("precision_by_cpu", {key: {"slices_per_s": {p: round(r, 1) for p, r in rates.items()},
+                                            "chosen": chosen}})
+    log.info("OpenVINO precision on %s: %s (f32 %.1f, bf16 %.1f slices/s)", key, chosen, rates["f32"], rates["bf16"])
+    return chosen
+
+
+def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
+                    cache_dir: str | os.PathLike | None = None, check: bool = True) -> OpenVINORunner:
+    """An `OpenVINORunner` for the Keras `model` (see `pipeline.inference.backends.make_runner`).
+
+    Exports the IR into the cache on first use, chooses the precision, and checks agreement with
+    Keras once per precision (recorded in the manifest). Raises BackendError when the export fails
+    or the backend disagrees with Keras beyond the tolerances of `agreement`.
+    """
+    key = sha256 or model_fingerprint(model)
+    try:
+        entry, _ = cached_ir(model, key, cache_dir)
+    except Exception as exc:  # noqa: BLE001 - any converter failure means: this model cannot run here
+        raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    chosen = choose_precision(entry, model, precision)
+    runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir)
+    checked = entry.manifest.get("agreement", {}).get(chosen)
+    if check and not (isinstance(checked, dict) and checked.get("ok")):
+        result = check_agreement(model, runner.predict_on_batch)
+        entry.record("agreement", {chosen: result})
+        if not result["ok"]:
+            raise BackendError(f"OpenVINO ({chosen}) disagrees with Keras on {getattr(model, 'name', 'the model')}: "
+                               f"{result} (cache {entry.directory})")
+    return runner
