@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="diagnose every slice on its own; by default the slices of a study (one folder, files "
         "<study>_<n>.tif) are diagnosed together with the volume-aware gate and 3D post-processing",
     )
+    from pipeline.inference.backends import add_backend_arguments
+
+    add_backend_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             include_masks=args.include_masks,
             volumes=not args.no_volumes,
+            backend=args.backend,
+            precision=args.precision,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -122,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             f"skipped {result.skipped_masks} ground-truth *_mask file(s) "
             "(use --include-masks to diagnose them)"
         )
-    print(f"models: {result.settings['models']} (threshold {result.settings['threshold']:.3f})")
+    print(f"models: {result.settings['models']} (threshold {result.settings['threshold']:.3f}, "
+          f"backend {result.settings.get('backend', 'keras')})")
     print(f"report: {result.out / 'report.csv'}")
     for row in result.rows:
         if row["error"]:

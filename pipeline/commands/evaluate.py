@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bootstrap resamples for the confidence intervals (default: 1000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    from pipeline.inference.backends import add_backend_arguments
+
+    add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -83,7 +86,8 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     prov = report["provenance"]
     lines = [
         f"Evaluated {prov.get('n_patients')} patients / {prov.get('n_slices')} slices "
-        f"(split {prov.get('split')}) with models {prov.get('models_dir')}",
+        f"(split {prov.get('split')}) with models {prov.get('models_dir')}"
+        + (f" on {prov['backend']} ({prov.get('segmenter_precision')})" if prov.get("backend") else ""),
         "",
     ]
     rows = [
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             skip_bad=args.skip_bad,
             allow_unverified=args.allow_unverified,
+            backend=args.backend,
+            precision=args.precision,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

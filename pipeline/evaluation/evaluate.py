@@ -255,6 +255,8 @@ def evaluate(
     default_models: str | os.PathLike = MODELS_DIR,
     skip_bad: bool = False,
     allow_unverified: bool = False,
+    backend: str = "auto",
+    precision: str = "auto",
 ) -> EvaluationResult:
     """Evaluate a trained pair on the patients of `split` under `data_dir` and write the report.
 
@@ -263,7 +265,8 @@ def evaluate(
     copy) or "all" (every patient under the root, no split file needed); threshold: the
     classifier threshold (default: the one calibrated at training, in the pair's meta);
     skip_bad: leave out the slices the index finds bad (`index_dataset(skip_bad=True)`);
-    allow_unverified: load a pair without model sums (`load_pair`).
+    allow_unverified: load a pair without model sums (`load_pair`); backend, precision: what runs
+    the models (`pipeline.inference.backends`; the report's provenance says which ran).
     Returns the `EvaluationResult` with the paths written under `out_dir` (default
     `<run or models dir>/evaluation/<split>/`).
     """
@@ -296,7 +299,8 @@ def evaluate(
 
     # The product's own loader: the operating point comes from the validated pipeline.json.
     pipeline = TumorPipeline.from_dir(
-        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size
+        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size,
+        backend=backend, precision=precision,
     )
     chosen = pipeline.threshold
     provenance = {
@@ -320,6 +324,7 @@ def evaluate(
         "neighbour_weight": pipeline.neighbour_weight,
         "volume_route": "per patient study (predict_volume: volume-aware gate, 3D components)",
         "tile_size": pipeline.tile_size,
+        **pipeline.backend_info,
         "backbone_trained_from_scratch": (
             artifact.extra["trained_from_scratch"]
             if artifact.extra.get("trained_from_scratch") is not None

@@ -532,6 +532,8 @@ def run_diagnosis(
     progress: bool = True,
     include_masks: bool = False,
     volumes: bool = True,
+    backend: str = "auto",
+    precision: str = "auto",
 ) -> DiagnosisResult:
     """Diagnose every slice found in `inputs` and write the reports into `out` (module docstring).
 
@@ -546,6 +548,8 @@ def run_diagnosis(
     resume: skip inputs recorded in OUT's journal by an earlier run with the same settings.
     include_masks: also diagnose the dataset's `*_mask.*` files (skipped by default).
     volumes: diagnose inputs that form a study together (`group_volumes`, `predict_volume`).
+    backend, precision: what runs the models when the pipeline is loaded here
+        (`pipeline.inference.backends`; Grad-CAM always uses Keras); recorded in the settings.
 
     Returns a DiagnosisResult (its `exit_code` is 1 when any input failed). Raises DataError
     for unusable arguments: no input found, OUT a file, not writable or holding an input, no
@@ -575,6 +579,8 @@ def run_diagnosis(
             threshold=threshold,
             min_component_px=min_component_px,
             batch_size=batch_size,
+            backend=backend,
+            precision=precision,
         )
         models_label = text(str(safe_resolve(source)))
     else:
@@ -593,6 +599,7 @@ def run_diagnosis(
         "volumes": bool(volumes) and hasattr(pipeline, "predict_volume"),
         "tile_size": int(getattr(pipeline, "tile_size", 0)),
         "explain": bool(explain),
+        "backend": str(getattr(pipeline, "backend_name", "keras")),
     }
 
     writer = _Writer(out, paths)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO",
+    "add_backend_arguments",
     "BACKENDS",
     "BackendError",
     "KerasRunner",
@@ -39,6 +40,19 @@ __all__ = [
 AUTO = "auto"
 BACKENDS = ("keras", "openvino")
 CHOICES = (AUTO, *BACKENDS)
+PRECISION_CHOICES = (AUTO, "f32", "bf16")
+
+
+def add_backend_arguments(parser: Any) -> None:
+    """`--backend` and `--precision`, the same on every command that runs the models."""
+    parser.add_argument(
+        "--backend", choices=CHOICES, default=AUTO,
+        help="what runs the models: openvino (CPU, IR cached under .cache/openvino), keras (the "
+             "reference; Grad-CAM always uses it) or auto (default: openvino on a CPU when installed)")
+    parser.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default=AUTO,
+        help="OpenVINO precision hint: auto (default: bf16 with AMX; on other bf16 CPUs the faster of "
+             "f32/bf16, timed once), f32 or bf16; ignored by keras")
 
 
 class BackendError(RuntimeError):
