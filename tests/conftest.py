@@ -8,10 +8,25 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs the models on Keras unless a test asks for a backend (tests/test_backends.py):
+# an OpenVINO export costs seconds per model pair, and most tests are about something else.
+os.environ.setdefault("LGG_BACKEND", "keras")
 
 from tests.synthetic import write_dataset  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaggle_3m"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_cache(tmp_path_factory):
+    """OpenVINO IR exports of the suite go to a temporary cache, never the project's .cache."""
+    previous = os.environ.get("LGG_OPENVINO_CACHE")
+    os.environ["LGG_OPENVINO_CACHE"] = str(tmp_path_factory.mktemp("openvino_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LGG_OPENVINO_CACHE", None)
+    else:
+        os.environ["LGG_OPENVINO_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

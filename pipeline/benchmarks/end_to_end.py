@@ -10,15 +10,20 @@ the default sizes (classifier at 128, ResUNet 16 filters / depth 4) with `weight
 whose untrained gate is set to the probability quantile that flags one third of the slices,
 so the segmenter sees a realistic share. The output says which.
 
-Each dtype policy runs in a fresh process (the Keras policy is process-wide). There, the
+Backends (`--backends`, default keras,openvino): Keras runs once per dtype policy of
+`--policies`; OpenVINO once per precision hint of `--precisions` (default auto: what diagnose
+would use), with its IR from the same cache as diagnose (an export on the first run happens
+before timing). Each row runs in a fresh process (the Keras policy is process-wide). There, the
 models are built under the policy (a trained pair's weights are copied into models rebuilt
 under it, since saved layers keep the policy they were saved with), one untimed pass over the
-slices warms up (graph tracing), then one timed pass measures:
+slices warms up (graph tracing, OpenVINO compilation), then one timed pass measures:
 
 * classifier: `TumorPipeline.classify` on every slice (batched);
 * segmenter: `TumorPipeline.segment_probabilities` on the flagged slices (per flagged slice);
 * end to end: `TumorPipeline.predict` in chunks of `--batch-size` (gate, segmentation,
-  post-processing and measurements, as `diagnose` runs it; file decoding not included).
+  post-processing and measurements, as `diagnose` runs it; file decoding not included);
+* stages only: the slices over the two stage times added up, the rate end to end would have
+  if nothing but the models took time (the gap to end to end is the time outside the models).
 
 The baseline, in its own float32 process, is the course's way: ResNet50 at 256x256 and the
 ResUNet on *every* slice, one slice at a time through `model.predict`. Peak memory is each
@@ -42,6 +47,11 @@ TARGET_SLICES_PER_S = 40.0
 DEFAULT_N_SLICES = 96
 DEFAULT_BASELINE_SLICES = 24
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kaggle_3m"
+DEFAULT_BACKENDS = ("keras", "openvino")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def add_arguments(parser) -> None:
@@ -63,6 +73,14 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--models", default=None, metavar="DIR", help="trained pair to time (default: as diagnose)"
+    )
+    parser.add_argument(
+        "--backends", type=_csv, default=DEFAULT_BACKENDS,
+        help=f"comma-separated backends to time side by side (default {','.join(DEFAULT_BACKENDS)})",
+    )
+    parser.add_argument(
+        "--precisions", type=_csv, default=("auto",),
+        help="comma-separated OpenVINO precision hints (auto, f32, bf16; default auto)",
     )
     parser.add_argument(
         "--fresh-models",
@@ -212,6 +230,8 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     pair_dir = Path(spec["pair_dir"]) if spec["pair_dir"] else None
     classifier, segmenter, meta, models = _models_under_policy(pair_dir)
     batch = spec["batch_size"]
+    backend = spec.get("backend", "keras")
+    sums = meta.get("sha256") or {}
     pipe = TumorPipeline(
         classifier,
         segmenter,
@@ -219,6 +239,11 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         min_component_px=int(meta.get("min_component_px", 0) or 0),
         tile_size=SLICE_SIZE,
         batch_size=batch,
+        backend=backend,
+        precision=spec.get("precision", "auto"),
+        # float32 rebuilds hold the files' weights exactly: share diagnose's IR cache entry
+        model_sha256={"classifier": sums.get("classifier.keras"), "segmenter": sums.get("segmenter.keras")}
+        if policy == "float32" and sums else None,
     )
 
     probabilities = pipe.classify(images)  # warm-up of the classifier
@@ -236,9 +261,12 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     t_cls = _timed(lambda: pipe.classify(images))
     t_seg = _timed(lambda: pipe.segment_probabilities(flagged)) if flagged else float("nan")
     t_e2e = _timed(end_to_end)
+    info = pipe.backend_info
     return {
         "kind": "pipeline",
-        "policy": policy,
+        "backend": info["backend"],
+        "policy": policy if info["backend"] == "keras" else info["segmenter_precision"],
+        "precision": {"classifier": info["classifier_precision"], "segmenter": info["segmenter_precision"]},
         "models": models,
         "slices": source,
         "n_slices": len(images),
@@ -249,6 +277,7 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "classifier_slices_per_s": round(len(images) / t_cls, 2),
         "segmenter_slices_per_s": round(len(flagged) / t_seg, 2) if flagged else None,
         "end_to_end_slices_per_s": round(len(images) / t_e2e, 2),
+        "stages_only_slices_per_s": round(len(images) / (t_cls + (t_seg if flagged else 0.0)), 2),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -278,6 +307,7 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = _timed(one_at_a_time)
     return {
         "kind": "baseline",
+        "backend": "keras",
         "policy": "float32",
         "slices": source,
         "n_slices": len(images),
@@ -285,6 +315,7 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
         "classifier_slices_per_s": None,
         "segmenter_slices_per_s": None,
         "end_to_end_slices_per_s": round(len(images) / seconds, 2),
+        "stages_only_slices_per_s": None,
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -293,9 +324,11 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The results as a table, with end-to-end speed-ups over the baseline."""
+    """The results as a table, with end-to-end speed-ups over the baseline and over Keras float32."""
     rows = report["results"]
     baseline = next((r for r in rows if r["kind"] == "baseline"), None)
+    reference = next((r for r in rows if r["kind"] == "pipeline" and r.get("backend", "keras") == "keras"
+                      and r["policy"] == "float32"), None)
     pipeline_rows = [r for r in rows if r["kind"] == "pipeline"]
     lines = []
     if pipeline_rows:
@@ -307,25 +340,31 @@ def format_report(report: dict[str, Any]) -> str:
             "",
         ]
     lines.append(
-        f"{'run':<10} {'policy':<15} {'classifier/s':>12} {'segmenter/s':>12} {'end-to-end/s':>13} "
-        f"{'flagged':>8} {'peak RSS MB':>12} {'x baseline':>10}"
+        f"{'run':<10} {'backend':<9} {'policy':<15} {'classifier/s':>12} {'segmenter/s':>12} "
+        f"{'stages/s':>9} {'end-to-end/s':>13} {'flagged':>8} {'peak RSS MB':>12} {'x baseline':>10} "
+        f"{'x keras f32':>11}"
     )
 
     def fmt(value, width):
         return f"{value:>{width}.1f}" if isinstance(value, int | float) else f"{'-':>{width}}"
 
     for r in rows:
-        ratio = (r["end_to_end_slices_per_s"] / baseline["end_to_end_slices_per_s"]) if baseline else None
+        rate = r["end_to_end_slices_per_s"]
+        ratio = rate / baseline["end_to_end_slices_per_s"] if baseline else None
+        vs_keras = rate / reference["end_to_end_slices_per_s"] if reference and r["kind"] == "pipeline" else None
         flagged = f"{r['n_flagged']}/{r['n_slices']}" if r["kind"] == "pipeline" else f"all/{r['n_slices']}"
         lines.append(
-            f"{r['kind']:<10} {r['policy']:<15} {fmt(r['classifier_slices_per_s'], 12)} "
-            f"{fmt(r['segmenter_slices_per_s'], 12)} {fmt(r['end_to_end_slices_per_s'], 13)} "
-            f"{flagged:>8} {fmt(r['peak_rss_mb'], 12)} {fmt(ratio, 10)}"
+            f"{r['kind']:<10} {r.get('backend', 'keras'):<9} {r['policy']:<15} "
+            f"{fmt(r['classifier_slices_per_s'], 12)} {fmt(r['segmenter_slices_per_s'], 12)} "
+            f"{fmt(r.get('stages_only_slices_per_s'), 9)} {fmt(rate, 13)} "
+            f"{flagged:>8} {fmt(r['peak_rss_mb'], 12)} {fmt(ratio, 10)} {fmt(vs_keras, 11)}"
         )
     env = report["environment"]
     lines += [
         "",
-        "segmenter/s counts flagged slices only; end-to-end = classify all, segment flagged, measure.",
+        "segmenter/s counts flagged slices only; end-to-end = classify all, segment flagged, measure; "
+        "stages/s = the rate if only the two models took time.",
+        f"cpu: {env.get('cpu')}; flags: {' '.join(env.get('cpu_flags', [])) or '-'}",
         f"baseline: {baseline['models']}" if baseline else "baseline: skipped",
         f"target: end to end >= {TARGET_SLICES_PER_S:.0f} slices/s and >= 2x the baseline; load average "
         f"{env['load_average_start']} at start, {env.get('load_average_end')} at end (CPU shared)",
@@ -353,9 +392,19 @@ def run(args: argparse.Namespace) -> int:
     }
     env = environment()
     results = []
-    for requested, resolved in distinct_policies(tuple(getattr(args, "policies", ("float32", "auto")))):
-        print(f"  timing the pipeline under {resolved} (requested {requested}) ...", flush=True)
-        results.append(_run_worker({**spec, "kind": "pipeline", "policy": resolved}))
+    backends = tuple(getattr(args, "backends", DEFAULT_BACKENDS))
+    unknown = [b for b in backends if b not in ("keras", "openvino")]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; valid: keras, openvino")
+    if "keras" in backends:
+        for requested, resolved in distinct_policies(tuple(getattr(args, "policies", ("float32", "auto")))):
+            print(f"  timing the pipeline on keras under {resolved} (requested {requested}) ...", flush=True)
+            results.append(_run_worker({**spec, "kind": "pipeline", "policy": resolved, "backend": "keras"}))
+    if "openvino" in backends:
+        for precision in dict.fromkeys(getattr(args, "precisions", ("auto",))):
+            print(f"  timing the pipeline on openvino, precision {precision} ...", flush=True)
+            results.append(_run_worker({**spec, "kind": "pipeline", "policy": "float32",
+                                        "backend": "openvino", "precision": precision}))
     if spec["baseline_slices"]:
         print(f"  timing the course baseline on {spec['baseline_slices']} slices ...", flush=True)
         results.append(_run_worker({**spec, "kind": "baseline", "policy": "float32"}))
@@ -375,7 +424,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    return run_worker("pipeline.benchmarks.end_to_end", spec, f"{spec.get('kind')}/{spec.get('policy')}")
+    label = f"{spec.get('kind')}/{spec.get('backend', 'keras')}/{spec.get('precision') or spec.get('policy')}"
+    return run_worker("pipeline.benchmarks.end_to_end", spec, label)
 
 
 if __name__ == "__main__":

@@ -125,15 +125,19 @@ def distinct_policies(policies: tuple[str, ...]) -> list[tuple[str, str]]:
     return [(requested, resolved) for resolved, requested in seen.items()]
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def environment() -> dict:
     """Machine facts printed with the numbers."""
     import keras
     import tensorflow as tf
 
-    from pipeline.models.precision import cpu_supports_bfloat16, gpu_available, resolve_policy
+    from pipeline.models.precision import cpu_flags, cpu_supports_bfloat16, gpu_available, resolve_policy
 
     return {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpu_available(),
+        "cpu_flags": sorted(cpu_flags() & set(SPEED_FLAGS)),
         "cpu_native_bfloat16": cpu_supports_bfloat16(), "auto_policy": resolve_policy("auto"),
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "load_average_start": [round(v, 2) for v in os.getloadavg()],

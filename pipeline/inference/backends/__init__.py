@@ -9,7 +9,8 @@ float32 (B, H, W, 3) raw pixel values and returning the model's float32 output, 
     openvino   the models exported once to OpenVINO IR (cached by the model files' sha256,
                `ir_cache`), compiled per static batch shape, run on the CPU plugin
                (`openvino_runner`), checked against Keras at export (`agreement`)
-    auto       openvino when it is installed and no GPU is visible, else keras
+    auto       `$LGG_BACKEND` when set (keras or openvino: a site's or the test suite's choice),
+               else openvino when it is installed and no GPU is visible, else keras
 
 Keras stays the source of truth: the `.keras` files are what training writes and releases
 ship; IR files are a derived cache, rebuilt when the model files change.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 AUTO = "auto"
+BACKEND_ENV = "LGG_BACKEND"
 BACKENDS = ("keras", "openvino")
 CHOICES = (AUTO, *BACKENDS)
 PRECISION_CHOICES = (AUTO, "f32", "bf16")
@@ -93,13 +96,19 @@ def openvino_available() -> bool:
 def resolve_backend(name: str = AUTO) -> str:
     """`auto`, `keras` or `openvino` -> the concrete backend name.
 
-    `auto`: openvino when it is installed and TensorFlow sees no GPU (on a GPU, Keras under
-    `mixed_float16` is the fast path), else keras. ValueError naming the choices otherwise.
+    `auto`: `$LGG_BACKEND` when set, else openvino when it is installed and TensorFlow sees no
+    GPU (on a GPU, Keras under `mixed_float16` is the fast path), else keras. ValueError naming
+    the choices otherwise.
     """
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
     if name != AUTO:
         return name
+    chosen = os.environ.get(BACKEND_ENV, "").strip()
+    if chosen:
+        if chosen not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV}={chosen!r} is not a backend; valid: {', '.join(BACKENDS)}")
+        return chosen
     from pipeline.models.precision import gpu_available
 
     return "openvino" if openvino_available() and not gpu_available() else "keras"

@@ -1,6 +1,7 @@
 """OpenVINO IR files of a Keras model, exported once and cached by the model's sha256.
 
-Layout under the cache root (`$LGG_CACHE_DIR/openvino`, default `.cache/openvino`):
+Layout under the cache root (`$LGG_OPENVINO_CACHE`, else `$LGG_CACHE_DIR/openvino`, default
+`.cache/openvino`):
 
     <sha256[:32]>-ov<openvino version>/
         model.xml, model.bin   the IR (`keras.Model.export(format="openvino")`, dynamic batch;
@@ -37,18 +38,22 @@ log = logging.getLogger(__name__)
 
 __all__ = ["IREntry", "cache_root", "cached_ir", "model_fingerprint"]
 
+CACHE_ENV = "LGG_OPENVINO_CACHE"
 MANIFEST = "manifest.json"
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 COMPILED = "compiled"
-FORMAT = 1  # bump when the meaning of the manifest or the export changes
+FORMAT = 2  # bump when the meaning of the manifest or the export changes
 
 
 def cache_root(flag: str | os.PathLike | None = None) -> Path:
-    """The IR cache root: `<flag or $LGG_CACHE_DIR or .cache>/openvino`."""
+    """The IR cache root: `flag`, else `$LGG_OPENVINO_CACHE`, else `<$LGG_CACHE_DIR or .cache>/openvino`."""
     from pipeline.paths import resolve_cache_dir
 
-    return resolve_cache_dir(flag) / "openvino"
+    if flag:
+        return Path(flag).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else resolve_cache_dir() / "openvino"
 
 
 def model_fingerprint(model: Any) -> str:
@@ -97,6 +102,23 @@ class IREntry:
         atomic_write_json(self.directory / MANIFEST, self.manifest)
 
 
+def export_ir(model: Any, xml: Path) -> None:
+    """Convert `model` to IR files `xml` (+ `.bin`): inference mode, float32 weights, dynamic batch.
+
+    Not `model.export(format="openvino")`: that traces the model without `training=False`, and a
+    nested backbone called without an explicit flag (the from-scratch classifier) is then traced
+    with batch statistics in its BatchNormalization layers - a different function from Keras'
+    `predict`. It also keeps the weights in float32 (`save_model` would halve them to float16).
+    """
+    import openvino as ov
+    import tensorflow as tf
+
+    shape = tuple(model.input_shape)
+    spec = tf.TensorSpec((None, *shape[1:]), tf.float32, name="image")
+    function = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    ov.save_model(ov.convert_model(function.get_concrete_function()), str(xml), compress_to_fp16=False)
+
+
 def _problem(directory: Path, sha256: str, versions: dict[str, str]) -> str | None:
     """Why `directory` cannot be used for the model `sha256`, or None when it can."""
     try:
@@ -130,7 +152,7 @@ def cached_ir(model: Any, sha256: str, root: str | os.PathLike | None = None) ->
     Returns (entry, exported): `exported` is True when the IR was (re)built by this call.
     """
     versions = _versions()
-    root = Path(root) if root is not None else cache_root()
+    root = cache_root(root)
     directory = root / f"{sha256[:32]}-ov{versions['openvino']}"
     if directory.exists():
         problem = _problem(directory, sha256, versions)
@@ -141,7 +163,7 @@ def cached_ir(model: Any, sha256: str, root: str | os.PathLike | None = None) ->
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
     try:
-        model.export(str(tmp / IR_XML), format="openvino", verbose=False)
+        export_ir(model, tmp / IR_XML)
         manifest = {
             "format": FORMAT,
             "model_sha256": sha256,

@@ -147,26 +147,47 @@ def _rate(runner: OpenVINORunner, x: np.ndarray) -> float:
     return TIMING_REPEATS * len(x) / (time.perf_counter() - start)
 
 
+def _agreement(entry: IREntry, model: Any, precision: str) -> dict[str, Any]:
+    """The agreement of `precision` with Keras on `model`, checked once and kept in the manifest."""
+    known = entry.manifest.get("agreement", {}).get(precision)
+    if isinstance(known, dict) and "ok" in known:
+        return known
+    result = check_agreement(model, OpenVINORunner(entry.xml, precision, entry.compiled_dir).predict_on_batch)
+    entry.record("agreement", {precision: result})
+    return result
+
+
 def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
-    """The precision hint for `model` on this CPU (module docstring); times f32 and bf16 when it must."""
+    """The precision hint for `model` on this CPU (module docstring); times f32 and bf16 when it must.
+
+    Under `auto`, bf16 is a candidate only when it agrees with Keras (`agreement`); an explicit
+    request is returned as it is (and checked by the caller).
+    """
     if requested != AUTO:
         if requested not in PRECISIONS:
             raise ValueError(f"unknown OpenVINO precision {requested!r}; valid: {AUTO}, {', '.join(PRECISIONS)}")
         return requested
     if not native_bf16():
         return "f32"
-    if has_amx():
-        return "bf16"
     key = cpu_key()
     known = entry.manifest.get("precision_by_cpu", {}).get(key)
     if isinstance(known, dict) and known.get("chosen") in PRECISIONS:
         return known["chosen"]
-    x = probe_batch(model)
-    rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
-    chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
-    entry.record("precision_by_cpu", {key: {"slices_per_s": {p: round(r, 1) for p, r in rates.items()},
-                                            "chosen": chosen}})
-    log.info("OpenVINO precision on %s: %s (f32 %.1f, bf16 %.1f slices/s)", key, chosen, rates["f32"], rates["bf16"])
+    record: dict[str, Any] = {}
+    if not _agreement(entry, model, "bf16")["ok"]:
+        chosen, record["reason"] = "f32", "bf16 disagrees with Keras"
+    elif has_amx():
+        chosen, record["reason"] = "bf16", "AMX"
+    else:
+        x = probe_batch(model)
+        rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
+        chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
+        record["slices_per_s"] = {p: round(r, 1) for p, r in rates.items()}
+        record["reason"] = "timed"
+    record["chosen"] = chosen
+    entry.record("precision_by_cpu", {key: record})
+    log.info("OpenVINO precision of %s on %s: %s (%s)", entry.manifest.get("model_sha256", "?")[:12], key,
+             chosen, record)
     return chosen
 
 
@@ -185,12 +206,9 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
         raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
                            f"{type(exc).__name__}: {exc}") from exc
     chosen = choose_precision(entry, model, precision)
-    runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir)
-    checked = entry.manifest.get("agreement", {}).get(chosen)
-    if check and not (isinstance(checked, dict) and checked.get("ok")):
-        result = check_agreement(model, runner.predict_on_batch)
-        entry.record("agreement", {chosen: result})
+    if check:
+        result = _agreement(entry, model, chosen)
         if not result["ok"]:
             raise BackendError(f"OpenVINO ({chosen}) disagrees with Keras on {getattr(model, 'name', 'the model')}: "
                                f"{result} (cache {entry.directory})")
-    return runner
+    return OpenVINORunner(entry.xml, chosen, entry.compiled_dir)
