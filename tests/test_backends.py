@@ -116,8 +116,9 @@ def test_evaluate_runs_on_openvino_and_reports_it(tiny_pair_dir, synthetic_root,
 
     reports = {}
     for backend in ("keras", "openvino"):
-        result = evaluate(models=tiny_pair_dir, data_dir=synthetic_root, split="all", cache_dir=tmp_path / "c",
-                          out_dir=tmp_path / backend, n_boot=20, progress=False, backend=backend)
+        result = evaluate(models=tiny_pair_dir, data_dir=synthetic_root, split="all",
+                          cache_dir=tmp_path / "c", out_dir=tmp_path / backend, n_boot=20, progress=False,
+                          backend=backend)
         reports[backend] = result.report
     assert reports["openvino"]["provenance"]["backend"] == "openvino"
     assert reports["keras"]["provenance"]["backend"] == "keras"
@@ -130,7 +131,8 @@ def test_diagnose_uses_openvino_by_default(tiny_pair_dir, synthetic_root, tmp_pa
 
     monkeypatch.delenv("LGG_BACKEND")
     case = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
-    code = diagnose.main([str(case), "--out", str(tmp_path / "out"), "--models", str(tiny_pair_dir), "--quiet"])
+    out = tmp_path / "out"
+    code = diagnose.main([str(case), "--out", str(out), "--models", str(tiny_pair_dir), "--quiet"])
     assert code == 0
     settings = json.loads((tmp_path / "out" / "report.json").read_text())["settings"]
     assert settings["backend"] == "openvino"
@@ -169,7 +171,8 @@ def test_a_changed_model_file_gets_a_new_ir_never_the_stale_one(tiny_segmenter, 
 
 
 @pytest.mark.parametrize("damage", ["bin", "manifest_sha", "manifest_garbage", "xml_missing"])
-def test_a_damaged_or_mismatched_entry_is_exported_again_with_a_warning(tiny_segmenter, tmp_path, caplog, damage):
+def test_a_damaged_or_mismatched_entry_is_exported_again_with_a_warning(tiny_segmenter, tmp_path, caplog,
+                                                                        damage):
     sha = "c" * 64
     entry, _ = ir_cache.cached_ir(tiny_segmenter, sha, tmp_path)
     manifest_path = entry.directory / "manifest.json"
@@ -217,8 +220,8 @@ def test_agreement_tolerances():
     assert not result["ok"] and result["mask_agreement"] == pytest.approx(0.994)
 
 
-def test_a_backend_that_disagrees_is_refused_and_auto_falls_back_to_keras(tiny_segmenter, tmp_path, monkeypatch,
-                                                                         caplog):
+def test_a_backend_that_disagrees_is_refused_and_auto_falls_back_to_keras(tiny_segmenter, tmp_path,
+                                                                         monkeypatch, caplog):
     real = openvino_runner.OpenVINORunner.predict_on_batch
 
     def drifting(self, x):

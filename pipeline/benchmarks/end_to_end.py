@@ -351,7 +351,9 @@ def format_report(report: dict[str, Any]) -> str:
     for r in rows:
         rate = r["end_to_end_slices_per_s"]
         ratio = rate / baseline["end_to_end_slices_per_s"] if baseline else None
-        vs_keras = rate / reference["end_to_end_slices_per_s"] if reference and r["kind"] == "pipeline" else None
+        vs_keras = None
+        if reference and r["kind"] == "pipeline":
+            vs_keras = rate / reference["end_to_end_slices_per_s"]
         flagged = f"{r['n_flagged']}/{r['n_slices']}" if r["kind"] == "pipeline" else f"all/{r['n_slices']}"
         lines.append(
             f"{r['kind']:<10} {r.get('backend', 'keras'):<9} {r['policy']:<15} "

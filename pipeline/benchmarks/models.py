@@ -125,7 +125,8 @@ def distinct_policies(policies: tuple[str, ...]) -> list[tuple[str, str]]:
     return [(requested, resolved) for resolved, requested in seen.items()]
 
 
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+               "amx_tile", "amx_bf16", "amx_int8")
 
 
 def environment() -> dict:

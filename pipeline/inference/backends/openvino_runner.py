@@ -165,7 +165,8 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     """
     if requested != AUTO:
         if requested not in PRECISIONS:
-            raise ValueError(f"unknown OpenVINO precision {requested!r}; valid: {AUTO}, {', '.join(PRECISIONS)}")
+            raise ValueError(f"unknown OpenVINO precision {requested!r}; "
+                             f"valid: {AUTO}, {', '.join(PRECISIONS)}")
         return requested
     if not native_bf16():
         return "f32"
@@ -209,6 +210,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
     if check:
         result = _agreement(entry, model, chosen)
         if not result["ok"]:
-            raise BackendError(f"OpenVINO ({chosen}) disagrees with Keras on {getattr(model, 'name', 'the model')}: "
-                               f"{result} (cache {entry.directory})")
+            name = getattr(model, "name", "the model")
+            raise BackendError(f"OpenVINO ({chosen}) disagrees with Keras on {name}: {result} "
+                               f"(cache {entry.directory})")
     return OpenVINORunner(entry.xml, chosen, entry.compiled_dir)
