@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "release",
         "Export a training run's pair to models/ (float16-stored weights, checked, SHA-256).",
     ),
+    "quantize": (
+        "quantize",
+        "Optional INT8 copies of a pair's models for OpenVINO (NNCF, checked on validation).",
+    ),
     "bench": ("bench", "Measure throughput of both stages, float32 vs mixed precision."),
 }
 

@@ -236,3 +236,24 @@ def test_grad_cam_refuses_a_classifier_without_backbone():
 
     with pytest.raises(ValueError, match="resnet50"):
         grad_cam(stub_pipeline().classifier, np.zeros((32, 32, 3), np.uint8))
+
+
+def test_brain_mask_equals_scipys_opening_and_hole_filling(slices):
+    """The OpenCV brain mask is pixel for pixel the scipy definition it replaced, borders included."""
+    from scipy import ndimage
+
+    from pipeline.inference.tumor_pipeline import BRAIN_THRESHOLD, CONNECTIVITY, brain_mask
+
+    rng = np.random.default_rng(3)
+    images = list(slices[0])
+    images += [rng.integers(0, 2 * BRAIN_THRESHOLD, (h, w, 3), dtype=np.uint8)
+               for h, w in [(1, 1), (2, 9), (5, 5), (64, 71), (129, 128)]]
+    ring = np.zeros((32, 32, 3), np.uint8)
+    ring[4:28, 4:28, 1] = 200
+    ring[10:20, 10:20, 1] = 0  # a hole inside the head: filled
+    ring[0:3, 12:20, 1] = 200  # a blob on the edge: opened away only where thinner than 3 px
+    images += [ring, np.full((9, 9, 3), 200, np.uint8)]
+    for image in images:
+        above = image[..., 1] > BRAIN_THRESHOLD
+        expected = ndimage.binary_fill_holes(ndimage.binary_opening(above, structure=CONNECTIVITY))
+        np.testing.assert_array_equal(brain_mask(image), expected)

@@ -118,10 +118,24 @@ def brain_mask(image: np.ndarray, threshold: int = BRAIN_THRESHOLD) -> np.ndarra
 
     FLAIR > `threshold`, then a 3x3 opening (drops isolated noise pixels) and hole filling
     (dark structures inside the head, e.g. ventricles, are brain too).
+
+    Pixel for pixel `scipy.ndimage.binary_fill_holes(binary_opening(flair > threshold, 3x3))`
+    (a test holds the two equal), in OpenCV: 10x faster, which matters since every slice of a
+    diagnosis is measured (scipy's hole filling alone took ~5 ms of a slice's ~40 ms).
+    Outside the image counts as background, as in scipy's defaults.
     """
+    import cv2
+
     flair = np.asarray(image)[..., FLAIR_CHANNEL]
-    brain = ndimage.binary_opening(flair > threshold, structure=CONNECTIVITY)
-    return ndimage.binary_fill_holes(brain)
+    above = (flair > threshold).astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    eroded = cv2.erode(above, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    opened = cv2.dilate(eroded, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    # Holes: background not 4-connected to the outside; flood the outside from a 1-pixel frame.
+    framed = cv2.copyMakeBorder(opened, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    flood = np.zeros((framed.shape[0] + 2, framed.shape[1] + 2), np.uint8)
+    cv2.floodFill(framed, flood, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def measure(image: np.ndarray, mask: np.ndarray, probability: float, is_tumor: bool) -> SliceResult:
@@ -210,6 +224,8 @@ class TumorPipeline:
     precision: OpenVINO's precision hint, `auto`, `f32` or `bf16` (ignored by Keras).
     model_sha256: {"classifier": ..., "segmenter": ...} sha256 of the model files, the OpenVINO
         cache key (`from_dir` passes the pair's); without it the models' weights are hashed.
+    int8_xml: {"classifier": path, ...} INT8 IRs the pair ships (`backends.int8`; `from_dir`
+        finds them), used by OpenVINO under `precision="auto"`.
     """
 
     def __init__(
@@ -227,6 +243,7 @@ class TumorPipeline:
         backend: str = "keras",
         precision: str = AUTO,
         model_sha256: dict[str, str] | None = None,
+        int8_xml: dict[str, Any] | None = None,
     ) -> None:
         if batch_size < 1 or tile_size < 1:
             raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
@@ -242,12 +259,14 @@ class TumorPipeline:
         self.neighbour_weight = float(neighbour_weight)
         self.meta: Any = None
         _ = self.params  # validates the operating point now (ValueError naming the value)
-        self._use_backend(backend, precision, model_sha256 or {})
+        self._use_backend(backend, precision, model_sha256 or {}, int8_xml or {})
 
-    def _use_backend(self, backend: str, precision: str, sha256: dict[str, str]) -> None:
+    def _use_backend(self, backend: str, precision: str, sha256: dict[str, str],
+                     int8: dict[str, Any]) -> None:
         name = resolve_backend(backend)
         try:
-            runners = [make_runner(model, name, sha256=sha256.get(role), precision=precision)
+            runners = [make_runner(model, name, sha256=sha256.get(role), precision=precision,
+                                   int8_xml=int8.get(role))
                        for role, model in (("classifier", self.classifier), ("segmenter", self.segmenter))]
         except BackendError as exc:
             if backend != AUTO:
@@ -308,6 +327,10 @@ class TumorPipeline:
         settings.setdefault("model_sha256", {role: sums[name] for role, name in
                                              (("classifier", CLASSIFIER_FILE), ("segmenter", SEGMENTER_FILE))
                                              if name in sums})
+        if settings.get("backend", "keras") != "keras" and pair.meta.get("openvino_int8"):
+            from pipeline.inference.backends.int8 import int8_irs
+
+            settings.setdefault("int8_xml", int8_irs(path, pair.meta, settings["model_sha256"]))
         pipeline = cls(pair.classifier, pair.segmenter, **settings)
         pipeline.meta = pair.meta
         return pipeline

@@ -122,14 +122,16 @@ def make_runner(
     precision: str = AUTO,
     cache_dir: Any = None,
     check: bool = True,
+    int8_xml: Any = None,
 ) -> Runner:
     """A runner for `model` on `backend` (`keras`, `openvino`; resolve `auto` first).
 
     openvino only: `sha256` of the model's `.keras` file keys the IR cache (else a fingerprint
     of the model's config and weights); `precision` is `auto`, `f32` or `bf16`
     (`openvino_runner.choose_precision`); `cache_dir` overrides the cache root; `check` runs
-    the agreement check against Keras when the IR is first exported. Raises BackendError when
-    the backend cannot serve the model.
+    the agreement check against Keras when the IR is first exported; `int8_xml`: the pair's
+    INT8 IR of the model (`backends.int8`), preferred under `precision="auto"`. Raises
+    BackendError when the backend cannot serve the model.
     """
     if backend == "keras":
         return KerasRunner(model)
@@ -139,4 +141,5 @@ def make_runner(
         raise BackendError("the openvino backend needs the `openvino` package (pinned in requirements.txt)")
     from pipeline.inference.backends.openvino_runner import openvino_runner
 
-    return openvino_runner(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check)
+    return openvino_runner(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
+                           int8_xml=int8_xml)

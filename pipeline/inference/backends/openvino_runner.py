@@ -87,25 +87,28 @@ def default_streams() -> int:
 class OpenVINORunner:
     """`predict_on_batch` through OpenVINO: float32 (B, H, W, 3) -> float32 outputs.
 
-    xml: the IR file; precision: `f32` or `bf16`; compiled_dir: OpenVINO's blob cache (or None);
-    streams: parallel requests per batch (default `default_streams()`).
+    xml: the IR file; precision: the hint, `f32` or `bf16`; compiled_dir: OpenVINO's blob cache
+    (or None); streams: parallel requests per batch (default `default_streams()`); label: what
+    `precision` reports instead of the hint (`int8` for a quantized IR).
     """
 
     name = "openvino"
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32",
-                 compiled_dir: str | os.PathLike | None = None, streams: int | None = None) -> None:
+                 compiled_dir: str | os.PathLike | None = None, streams: int | None = None,
+                 label: str | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown OpenVINO precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.xml = Path(xml)
-        self.precision = precision
+        self.hint = precision
+        self.precision = label or precision
         self.compiled_dir = Path(compiled_dir) if compiled_dir else None
         self._model: Any = None
         self._compiled: dict[tuple[int, ...], list[Any]] = {}
         self.streams = int(streams) if streams else default_streams()
 
     def _config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "NUM_STREAMS": self.streams}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.hint, "NUM_STREAMS": self.streams}
         if self.compiled_dir is not None:
             config["CACHE_DIR"] = str(self.compiled_dir)
         return config
@@ -193,12 +196,15 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
 
 
 def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
-                    cache_dir: str | os.PathLike | None = None, check: bool = True) -> OpenVINORunner:
+                    cache_dir: str | os.PathLike | None = None, check: bool = True,
+                    int8_xml: str | os.PathLike | None = None) -> OpenVINORunner:
     """An `OpenVINORunner` for the Keras `model` (see `pipeline.inference.backends.make_runner`).
 
     Exports the IR into the cache on first use, chooses the precision, and checks agreement with
-    Keras once per precision (recorded in the manifest). Raises BackendError when the export fails
-    or the backend disagrees with Keras beyond the tolerances of `agreement`.
+    Keras once per precision (recorded in the manifest). `int8_xml`: the pair's INT8 IR of this
+    model (`backends.int8`, validated when it was made), used under `precision="auto"`. Raises
+    BackendError when the export fails or the float IR disagrees with Keras beyond the
+    tolerances of `agreement`.
     """
     key = sha256 or model_fingerprint(model)
     try:
@@ -206,6 +212,10 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
     except Exception as exc:  # noqa: BLE001 - any converter failure means: this model cannot run here
         raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
                            f"{type(exc).__name__}: {exc}") from exc
+    if int8_xml is not None and precision == AUTO:
+        # Checked where it was made, on real validation slices (`backends.int8`); not on the
+        # synthetic probe, which lies outside the calibration statistics (INT8 drifts more there).
+        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8")
     chosen = choose_precision(entry, model, precision)
     if check:
         result = _agreement(entry, model, chosen)

@@ -1,0 +1,53 @@
+"""`python -m pipeline quantize`: optional INT8 copies of a pair's models for the OpenVINO backend.
+
+Post-training quantization with NNCF on training-patient slices; a variant is kept only when the
+validation end-to-end Dice drops by at most --max-drop (see `pipeline.inference.backends.int8`).
+Needs `pip install -r requirements-int8.txt` and the data root with the pair's split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the `quantize` sub-command."""
+    from pipeline.inference.backends.int8 import DEFAULT_CALIBRATION_SLICES, MAX_DROP
+
+    parser.add_argument("--models", default="models", metavar="DIR",
+                        help="the pair to quantize (default models/)")
+    parser.add_argument("--data-dir", default=None,
+                        help="Kaggle-layout data root (default: see pipeline.paths)")
+    parser.add_argument("--cache-dir", default=None, help="cache directory (default: .cache/)")
+    parser.add_argument("--calibration-slices", type=int, default=DEFAULT_CALIBRATION_SLICES,
+                        help="training-patient slices for the statistics "
+                             f"(default {DEFAULT_CALIBRATION_SLICES})")
+    parser.add_argument("--max-drop", type=float, default=MAX_DROP,
+                        help=f"largest validation end-to-end Dice drop to accept (default {MAX_DROP})")
+    parser.add_argument("--dry-run", action="store_true", help="measure only; write nothing into the pair")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the candidates and evaluations go (default: a temp dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize, print the measurements and the decision; 2 on bad input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pipeline.errors import DataError
+    from pipeline.inference.backends.int8 import quantize_pair
+
+    try:
+        report = quantize_pair(args.models, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                               n_calibration=args.calibration_slices, max_drop=args.max_drop,
+                               write=not args.dry_run, work_dir=args.work_dir)
+    except (DataError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    kept = report["kept"]
+    print(f"kept: {kept or 'nothing (no variant within the tolerance)'}"
+          + ("" if not kept or args.dry_run else f"; written into {args.models}"))
+    return 0

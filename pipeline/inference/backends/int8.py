@@ -1,0 +1,240 @@
+"""Optional INT8 models for the OpenVINO backend: post-training quantization with NNCF.
+
+A pair may ship INT8 IRs next to its `.keras` files (`quantize_pair`, `python -m pipeline
+quantize`):
+
+    <pair>/openvino/<role>.int8.xml, <role>.int8.bin    role: classifier and/or segmenter
+    pipeline.json  "openvino_int8": {role: {"xml", "bin", "source_sha256", ...}}, and the
+                   files' sha256 in its `sha256` map (and SHA256SUMS, for a release)
+
+An INT8 IR is used by the OpenVINO backend under `precision="auto"` only while its
+`source_sha256` is the sha256 of the model file it was made from (a retrained model never
+runs with an old INT8 copy) and its own files match their sums; `f32` / `bf16` never use it.
+
+How one is made: the model's float32 IR is quantized by `nncf.quantize` (activations and
+weights to 8 bits, statistics from calibration slices of the *training* patients, half of them
+with tumour), then the pipeline is evaluated on the validation patients with and without it.
+A variant is kept only when the mean per-patient end-to-end Dice drops by at most `MAX_DROP`
+and the classifier's probabilities stay within the backend tolerance of float32
+(`agreement.PROBABILITY_TOL`, so the gate decides as Keras does); otherwise nothing is written.
+NNCF is needed only to make the files (`requirements-int8.txt`), not to run them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["INT8_DIR", "INT8_KEY", "MAX_DROP", "calibration_slices", "int8_irs", "quantize_ir"]
+
+INT8_KEY = "openvino_int8"
+INT8_DIR = "openvino"
+MAX_DROP = 0.005
+DEFAULT_CALIBRATION_SLICES = 300
+ROLES = ("classifier", "segmenter")
+
+
+def int8_irs(pair_dir: str | os.PathLike, meta: dict[str, Any],
+             model_sha256: dict[str, str]) -> dict[str, Path]:
+    """{role: xml path} of the INT8 IRs a pair ships that still belong to its model files.
+
+    An entry whose `source_sha256` differs from the model file's sum, or whose files are missing
+    or do not match the sums in `meta["sha256"]`, is skipped with a warning.
+    """
+    from pipeline.models.model_io import sha256_of
+
+    pair_dir = Path(pair_dir)
+    entries = meta.get(INT8_KEY) or {}
+    sums = meta.get("sha256") or {}
+    found: dict[str, Path] = {}
+    for role, entry in entries.items():
+        if role not in ROLES or not isinstance(entry, dict):
+            continue
+        if entry.get("source_sha256") != model_sha256.get(role):
+            log.warning("the INT8 %s in %s was made from another model file; not used", role, pair_dir)
+            continue
+        names = [entry.get("xml"), entry.get("bin")]
+        problems = [n for n in names
+                    if not n or not (pair_dir / n).is_file() or sums.get(n) != sha256_of(pair_dir / n)]
+        if problems:
+            log.warning("the INT8 %s files in %s are missing or do not match their sha256 (%s); not used",
+                        role, pair_dir, ", ".join(str(p) for p in problems))
+            continue
+        found[role] = pair_dir / entry["xml"]
+    return found
+
+
+def calibration_slices(images: np.ndarray, has_tumour: np.ndarray, n: int = DEFAULT_CALIBRATION_SLICES,
+                       seed: int = 0) -> np.ndarray:
+    """float32 (n, H, W, 3): up to n slices, half with tumour where there are enough, picked at random."""
+    rng = np.random.default_rng(seed)
+    tumour, clear = np.flatnonzero(has_tumour), np.flatnonzero(~np.asarray(has_tumour, bool))
+    n_tumour = min(len(tumour), n // 2)
+    n_clear = min(len(clear), n - n_tumour)
+    picked = np.concatenate([rng.choice(tumour, n_tumour, replace=False),
+                             rng.choice(clear, n_clear, replace=False)]).astype(int)
+    if not len(picked):
+        raise DataError("no calibration slices: the training patients hold no slice")
+    return np.asarray(images[np.sort(picked)], np.float32)
+
+
+def quantize_ir(xml: str | os.PathLike, slices: np.ndarray, out_xml: str | os.PathLike) -> Path:
+    """Quantize the float32 IR `xml` to INT8 with NNCF on `slices` (one per calibration step) -> `out_xml`."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise DataError("INT8 quantization needs NNCF: pip install -r requirements-int8.txt") from exc
+    import openvino as ov
+
+    from pipeline.inference.backends.openvino_runner import core
+
+    model = core().read_model(str(xml))
+    model.reshape([1, *slices.shape[1:]])
+    dataset = nncf.Dataset([s[None] for s in slices])
+    quantized = nncf.quantize(model, dataset, subset_size=len(slices))
+    out_xml = Path(out_xml)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+    return out_xml
+
+
+# --------------------------------------------------------------------------- making the files
+
+VARIANTS = {"classifier": ("classifier",), "both": ("classifier", "segmenter")}
+
+
+def _training_slices(splits: Path, data_dir: Any, cache_dir: Any, n: int, seed: int) -> np.ndarray:
+    from pipeline.data.array_cache import load_arrays
+    from pipeline.data.index import index_dataset
+    from pipeline.evaluation.evaluate import select_positions
+    from pipeline.paths import resolve_cache_dir, resolve_data_dir
+
+    cache = resolve_cache_dir(cache_dir)
+    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
+    positions = select_positions(index_df, "train", splits)
+    arrays = load_arrays(index_df, cache, progress=False)
+    rows = index_df.iloc[positions]
+    chosen = calibration_slices(np.arange(len(rows)), rows["has_tumor"].to_numpy(bool), n, seed).astype(int)
+    return np.asarray(arrays.images[positions[chosen]], np.float32)
+
+
+def _variant_pair(pair_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, str]],
+                  where: Path) -> Path:
+    """A pair directory `where` that links to `pair_dir`'s models and ships the INT8 `files`."""
+    from pipeline.models.model_io import sha256_of
+    from pipeline.models.pair_artifact import MODEL_FILES, write_pair_meta
+
+    where.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        target = where / name
+        if not target.exists():
+            os.symlink((pair_dir / name).resolve(), target)
+    record = {**meta, INT8_KEY: {}, "sha256": dict(meta.get("sha256") or {})}
+    for role, entry in files.items():
+        for key in ("xml", "bin"):
+            link = where / entry[key]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                os.symlink(Path(entry["abs_" + key]).resolve(), link)
+            record["sha256"][entry[key]] = sha256_of(link)
+        record[INT8_KEY][role] = {k: v for k, v in entry.items() if not k.startswith("abs_")}
+    write_pair_meta(where, record)
+    return where
+
+
+def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_dir: Any = None,
+                  n_calibration: int = DEFAULT_CALIBRATION_SLICES, max_drop: float = MAX_DROP,
+                  seed: int = 0, write: bool = True,
+                  work_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Quantize a pair's models, measure each variant on the validation patients, keep the best passing one.
+
+    Variants: the classifier alone in INT8, and both models. Each is evaluated end to end on the
+    validation split against the float32 OpenVINO pipeline. The kept variant is the one with the
+    most INT8 models among those with a drop <= `max_drop` and classifier probabilities within
+    `PROBABILITY_TOL`; with `write`, its files go into `<pair>/openvino/` and `pipeline.json`
+    (and `SHA256SUMS` when the pair is a release). Returns the measurements and the decision.
+    """
+    import shutil
+    import tempfile
+
+    import nncf  # noqa: F401 - fail before the long steps when NNCF is missing
+    import pandas as pd
+
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.inference.backends.agreement import PROBABILITY_TOL
+    from pipeline.inference.backends.ir_cache import cached_ir
+    from pipeline.models.model_io import load_pair, sha256_of
+    from pipeline.models.pair_artifact import META_FILE, write_pair_meta
+
+    pair_dir = Path(pair_dir)
+    pair = load_pair(pair_dir)
+    meta = dict(pair.meta)
+    sums = meta["sha256"]
+    splits = pair_dir / "splits.csv"
+    if not splits.is_file():
+        splits = Path((meta.get("data") or {}).get("splits_file") or splits)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="quantize-"))
+    slices = _training_slices(splits, data_dir, cache_dir, n_calibration, seed)
+    log.info("calibration: %d slices of the training patients", len(slices))
+
+    files: dict[str, dict[str, str]] = {}
+    for role, model in (("classifier", pair.classifier), ("segmenter", pair.segmenter)):
+        entry, _ = cached_ir(model, sums[f"{role}.keras"])
+        out = quantize_ir(entry.xml, slices, work / "int8" / f"{role}.int8.xml")
+        files[role] = {"xml": f"{INT8_DIR}/{role}.int8.xml", "bin": f"{INT8_DIR}/{role}.int8.bin",
+                       "abs_xml": str(out), "abs_bin": str(out.with_suffix(".bin")),
+                       "source_sha256": sums[f"{role}.keras"], "calibration_slices": int(len(slices)),
+                       "calibration_patients": "train split", "nncf": nncf.__version__}
+
+    def run(pair: Path, precision: str, name: str) -> tuple[float, pd.DataFrame]:
+        result = evaluate(models=pair, split="val", splits=splits, data_dir=data_dir,
+                          cache_dir=cache_dir, out_dir=work / f"eval-{name}", n_boot=200, progress=False,
+                          backend="openvino",
+                          precision=precision)
+        dice = next(r["value"] for r in result.report["headline"]
+                    if r["metric"].startswith("End-to-end mean"))
+        return float(dice), pd.read_csv(work / f"eval-{name}" / "slices.csv")
+
+    base_dice, base_slices = run(pair_dir, "f32", "f32")
+    measured: dict[str, Any] = {"float32": {"val_e2e_mean_patient_dice": base_dice}}
+    for variant, roles in VARIANTS.items():
+        where = _variant_pair(pair_dir, meta, {r: files[r] for r in roles}, work / f"pair-{variant}")
+        dice, slices_df = run(where, "auto", variant)
+        drift = float(np.max(np.abs(slices_df["probability"].to_numpy()
+                                    - base_slices["probability"].to_numpy())))
+        measured[variant] = {"val_e2e_mean_patient_dice": dice, "drop": base_dice - dice,
+                             "max_probability_diff": drift,
+                             "kept": base_dice - dice <= max_drop and drift <= PROBABILITY_TOL}
+    kept = [v for v in VARIANTS if measured[v]["kept"]]
+    decision = max(kept, key=lambda v: len(VARIANTS[v])) if kept else None
+    report = {"measured": measured, "kept": decision, "max_drop": max_drop, "work_dir": str(work)}
+    if decision and write:
+        record = {**meta, INT8_KEY: {}, "sha256": dict(sums)}
+        (pair_dir / INT8_DIR).mkdir(exist_ok=True)
+        for role in VARIANTS[decision]:
+            entry = files[role]
+            for key in ("xml", "bin"):
+                shutil.copyfile(entry["abs_" + key], pair_dir / entry[key])
+                record["sha256"][entry[key]] = sha256_of(pair_dir / entry[key])
+            record[INT8_KEY][role] = {**{k: v for k, v in entry.items() if not k.startswith("abs_")},
+                                      "validation": measured[decision]}
+        write_pair_meta(pair_dir, record)
+        sums_file = pair_dir / "SHA256SUMS"
+        if sums_file.is_file():
+            from pipeline.io_utils import atomic_write
+            from pipeline.models.release import sums_text
+
+            listed = [line.partition("  ")[2] for line in sums_file.read_text().splitlines() if line.strip()]
+            listed = [n for n in listed if n != META_FILE and not n.startswith(f"{INT8_DIR}/")]
+            listed += [files[r][k] for r in VARIANTS[decision] for k in ("xml", "bin")] + [META_FILE]
+            with atomic_write(sums_file, "w", encoding="utf-8") as fh:
+                fh.write(sums_text(pair_dir, listed))
+    return report
