@@ -1,5 +1,11 @@
 """`diagnose`: run the two-stage pipeline over MRI slices and write reports, masks and overlays.
 
+Volume studies go next to slices: a NIfTI file (X, Y, Z, 3), a study folder of channel-named
+NIfTI files or DICOM series folders (`..._pre`, `..._flair`, `..._post`), given as INPUT or found
+inside a folder given, or one study channel by channel with --pre/--flair/--post. Each gets a
+mask NIfTI on its own grid and affine in OUT/volumes/, and its tumour volume in mL, slice range
+and 3D bounding box in patients.csv and report.json.
+
 Also the console script `lgg-diagnose` (`main`). Exit codes: 0 every input diagnosed,
 1 at least one input failed (its row in report.csv says why), 2 unusable arguments
 (no input found, OUT is a file, cannot be written or contains an input, no trained model
@@ -18,15 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the diagnose options on `parser`."""
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="slice files (TIFF, PNG, JPEG), folders (searched recursively) or glob patterns",
+        help="slice files (TIFF, PNG, JPEG), volume studies (a .nii/.nii.gz file holding the three "
+        "channels on its 4th axis; a folder of NIfTI files or DICOM series folders named ..._pre, "
+        "..._flair, ..._post), folders (searched recursively for both) or glob patterns",
     )
     parser.add_argument(
         "--out",
         required=True,
         metavar="OUT",
-        help="output folder for report.csv/json, patients.csv, masks/ and overlays/",
+        help="output folder for report.csv/json, patients.csv, masks/, overlays/ and volumes/ "
+        "(the mask NIfTI of each volume study)",
     )
     from pipeline.paths import DEFAULT_PAIR_RULE
 
@@ -76,6 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="diagnose every slice on its own; by default the slices of a study (one folder, files "
         "<study>_<n>.tif) are diagnosed together with the volume-aware gate and 3D post-processing",
     )
+    study = parser.add_argument_group(
+        "one study channel by channel",
+        "each a 3D NIfTI file or a folder holding one DICOM series; a folder with several series "
+        "takes FOLDER@<SeriesInstanceUID> (the error for such a folder lists them). The channels "
+        "must share one grid (shape and affine).",
+    )
+    for flag, channel in (("--pre", "pre-contrast"), ("--flair", "FLAIR"), ("--post", "post-contrast")):
+        study.add_argument(flag, metavar="SOURCE", default=None, help=f"the {channel} channel")
+    study.add_argument(
+        "--study-id", metavar="NAME", default=None, help="name of that study (default: the FLAIR source's)"
+    )
     from pipeline.inference.backends import add_backend_arguments
 
     add_backend_arguments(parser)
@@ -89,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return EXIT_USAGE
+    trio = (args.pre, args.flair, args.post)
+    if not args.inputs and all(src is None for src in trio):
+        print("error: give at least one INPUT, or a study with --pre/--flair/--post", file=sys.stderr)
         return EXIT_USAGE
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
@@ -111,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             include_masks=args.include_masks,
             volumes=not args.no_volumes,
+            pre=args.pre,
+            flair=args.flair,
+            post=args.post,
+            study_id=args.study_id,
             backend=args.backend,
             precision=args.precision,
         )
@@ -129,6 +157,16 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"models: {result.settings['models']} (threshold {result.settings['threshold']:.3f}, "
           f"backend {result.settings.get('backend', 'keras')})")
+    if result.studies:
+        failed = sum(1 for st in result.studies if st["error"])
+        print(f"{len(result.studies)} volume stud{'y' if len(result.studies) == 1 else 'ies'}: "
+              f"{len(result.studies) - failed} diagnosed, {failed} failed")
+        for st in result.studies:
+            if not st["error"]:
+                ml = st["tumour_volume_ml"]
+                size = f"{ml:.2f} mL" if ml is not None else "(no voxel spacing: Kaggle slices)"
+                print(f"  {st['study_id']}: tumour {st['tumour_voxels']} voxels {size}, "
+                      f"slices {st['slice_range']}, mask {result.out / st['mask_nifti']}")
     print(f"report: {result.out / 'report.csv'}")
     for row in result.rows:
         if row["error"]:

@@ -1,14 +1,24 @@
 """Batch diagnosis: run the two-stage pipeline over many slices and write reports a person can read.
 
-Inputs are files, folders (recursive) and glob patterns (`image_loading.expand_inputs`).
+Inputs are files, folders (recursive) and glob patterns (`image_loading.expand_inputs`), and
+volume studies (`pipeline.volumes`): a NIfTI file (X, Y, Z, 3), a folder of channel-named NIfTI
+files or DICOM series (`..._pre`, `..._flair`, `..._post`), found also inside the folders given
+(`pipeline.volumes.readers.find_studies`), or one study given channel by channel
+(`pre=`, `flair=`, `post=`: 3D NIfTI files or DICOM series folders, `FOLDER@<SeriesInstanceUID>`
+to pick one series of several).
 Everything is written inside the output folder OUT:
 
-    report.csv, report.json   one row per input (COLUMNS); report.json also holds the settings
+    report.csv, report.json   one row per input slice (COLUMNS); report.json also holds the
+                              settings and, under "studies", one record per volume study
     patients.csv              per patient: slices, flagged slices, tumour volume in pixels,
-                              the slice with the largest tumour area
+                              the slice with the largest tumour area; for a volume study also
+                              its tumour voxels and millilitres on the input grid, the slice
+                              range and 3D bounding box, its mask NIfTI (PATIENT_COLUMNS)
     masks/<name>_mask.png     predicted mask (0/255) of every tumour-positive slice
     overlays/<name>_overlay.png   the prediction's contour (red) on the FLAIR channel
     gradcam/<name>_gradcam.png    with `explain`: Grad-CAM of the classifier on flagged slices
+    volumes/<name>_mask.nii.gz    per volume study: the predicted mask (uint8 0/1) on the
+                              input's own grid with its affine, to open over the scan
     .progress.jsonl           the resume journal (below)
 
 `<name>` is `<stem>__<8 hex digits of a hash of the input's absolute path>` (the stem with
@@ -21,6 +31,17 @@ Kaggle layout), at least `MIN_VOLUME_SLICES` of them - are diagnosed together, i
 order, by `TumorPipeline.predict_volume` (the volume-aware gate and 3D components, as the
 evaluation measures it). Any other input is diagnosed as a single slice, as before;
 `volumes=False` turns the grouping off.
+
+Volume studies are read into a `pipeline.volumes.Volume`, mapped to the models' domain
+(`pipeline.volumes.domain`: reoriented to axial, each slice scaled to 256x256 and padded,
+intensities to 8 bits per channel), diagnosed with `predict_volume` (`predict` with
+`volumes=False`), and the masks are put back on the input grid (nearest neighbour). Their
+report rows are the model slices, one per input slice (`slice`: its index along the input's
+slice axis; `height`, `width`, areas and boxes on the 256x256 model slice, as the PNGs show
+it); the study record (`STUDY_KEYS`) measures the mask on the input grid
+(`pipeline.volumes.nifti_out.measure_study`). A study that cannot be read or diagnosed
+(missing channel, channels not co-registered, several DICOM series, 2D, NaN voxels, too large,
+unknown format) gets one error row and an error in its study record; the batch goes on.
 
 Robustness:
 * a bad input (unreadable, truncated, zero bytes, not an image, absurd size, a symlink loop,
@@ -70,12 +91,16 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "COLUMNS",
+    "PATIENT_COLUMNS",
+    "STUDY_KEYS",
     "DiagnosisResult",
+    "StudyInput",
     "output_name",
     "output_names",
     "patient_summary",
     "resolve_models_dir",
     "run_diagnosis",
+    "study_patient_row",
     "text",
 ]
 
@@ -83,14 +108,15 @@ REPORT_CSV = "report.csv"
 REPORT_JSON = "report.json"
 PATIENTS_CSV = "patients.csv"
 JOURNAL = ".progress.jsonl"
-MASK_DIR, OVERLAY_DIR, GRADCAM_DIR = "masks", "overlays", "gradcam"
-JOURNAL_VERSION = 1
+MASK_DIR, OVERLAY_DIR, GRADCAM_DIR, VOLUME_DIR = "masks", "overlays", "gradcam", "volumes"
+JOURNAL_VERSION = 2  # 2: the `slice` column and study records
 MIN_VOLUME_SLICES = 3  # fewer slices of a study are diagnosed one by one
 TUMOUR, NO_TUMOUR = "tumour", "no tumour"
 
 COLUMNS = (
     "path",  # absolute path of the input (bytes that are not UTF-8 escaped as \xNN)
-    "patient_id",  # TCGA_XX_NNNN from the file or folder name, else empty
+    "patient_id",  # TCGA_XX_NNNN from the file or folder name, else empty (a study: its name)
+    "slice",  # volume studies: the slice's index along the input's slice axis; else empty
     "height",
     "width",
     "probability",  # classifier tumour probability
@@ -107,7 +133,24 @@ COLUMNS = (
     "error",  # why the input could not be diagnosed
 )
 
-INTEGER_COLUMNS = ("height", "width", "area_px", "components")
+INTEGER_COLUMNS = ("slice", "height", "width", "area_px", "components")
+# a volume study's record in report.json "studies" (and its patients.csv columns)
+STUDY_KEYS = (
+    "study_id",  # patient_id: TCGA_XX_NNNN in the study's name, else the name
+    "source",  # the study's path (its FLAIR source for a channel-by-channel study)
+    "format",  # NIfTI, channel folder, trio
+    "shape",  # [X, Y, Z] of the input grid
+    "spacing_mm",  # voxel size along X, Y, Z
+    "slice_axis",  # the input's voxel axis closest to superior-inferior
+    "slices",
+    "slices_flagged",
+    "tumour_voxels",  # on the input grid
+    "tumour_volume_ml",  # tumour_voxels x prod(spacing_mm) / 1000; empty without geometry
+    "slice_range",  # [first, last + 1) input slice indices holding tumour
+    "bbox_3d",  # [i0, j0, k0, i1, j1, k1] input voxel indices, ends exclusive
+    "mask_nifti",  # relative to OUT
+    "error",
+)
 OUTPUT_COLUMNS = ("mask_path", "overlay_path", "gradcam_path")
 _TERMINAL_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -122,6 +165,7 @@ class DiagnosisResult:
     resumed: int = 0  # inputs taken from the journal of an earlier run
     skipped_masks: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    studies: list[dict[str, Any]] = field(default_factory=list)  # volume studies (STUDY_KEYS)
 
     @property
     def n_failed(self) -> int:
@@ -189,9 +233,9 @@ class _Writer:
         self.root = safe_resolve(out)
         self.protected = {safe_resolve(p) for p in inputs}
 
-    def png(self, relative: str, image: np.ndarray) -> str:
-        """Write `image` as OUT/`relative`; DataError (the input's row) if that lands outside OUT
-        (e.g. through a symlink already there) or on an input."""
+    def _target(self, relative: str) -> Path:
+        """OUT/`relative`; DataError (the input's row) if that lands outside OUT (e.g. through a
+        symlink already there) or on an input."""
         target = self.out / relative
         resolved = safe_resolve(target)
         if not _within(resolved, self.root) or resolved in self.protected:
@@ -200,7 +244,18 @@ class _Writer:
                 "outside the output folder or onto an input file",
                 [target],
             )
-        atomic_write_bytes(target, encode_png(image))
+        return target
+
+    def png(self, relative: str, image: np.ndarray) -> str:
+        """Write `image` as the PNG OUT/`relative` (checked as `_target`)."""
+        atomic_write_bytes(self._target(relative), encode_png(image))
+        return relative
+
+    def nifti(self, relative: str, mask: np.ndarray, volume: Any) -> str:
+        """Write `mask` as the NIfTI OUT/`relative` on `volume`'s grid (checked as `_target`)."""
+        from pipeline.volumes.nifti_out import write_mask_nifti
+
+        write_mask_nifti(self._target(relative), mask, volume)
         return relative
 
 
@@ -238,7 +293,7 @@ class _Journal:
         entries: dict[str, dict[str, Any]] = {}
         for number, line in enumerate(lines[1:], start=2):
             record = _json_line(line)
-            if not _is_row_record(record):  # e.g. a line cut short by an interruption: redone
+            if not (_is_row_record(record) or _is_study_record(record)):  # e.g. cut short: redone
                 log.warning("%s: ignoring damaged line %d", self.path, number)
                 continue
             entries[record["key"]] = record
@@ -278,6 +333,21 @@ def _is_row_record(record: Any) -> bool:
         and isinstance(record.get("key"), str)
         and isinstance(record.get("row"), dict)
         and set(COLUMNS) <= set(record["row"])
+        and (record.get("signature") is None or isinstance(record.get("signature"), list))
+    )
+
+
+def _is_study_record(record: Any) -> bool:
+    """A journalled volume study: its key, signature, complete rows and study record."""
+    return (
+        isinstance(record, dict)
+        and record.get("type") == "study"
+        and isinstance(record.get("key"), str)
+        and isinstance(record.get("rows"), list)
+        and bool(record["rows"])
+        and all(isinstance(r, dict) and set(COLUMNS) <= set(r) for r in record["rows"])
+        and isinstance(record.get("study"), dict)
+        and set(STUDY_KEYS) <= set(record["study"])
         and (record.get("signature") is None or isinstance(record.get("signature"), list))
     )
 
@@ -352,9 +422,60 @@ def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
-def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+PATIENT_COLUMNS = (
+    "patient_id",
+    "slices",
+    "slices_failed",
+    "slices_flagged",
+    "tumour_volume_px",  # predicted pixels summed over the rows (a study's: on its model slices)
+    "largest_slice",  # its path (a study's: `<source>#slice=<k>`, k an input slice index)
+    "largest_area_px",
+    # volume studies only (STUDY_KEYS), measured on the input grid
+    "source",
+    "tumour_voxels",
+    "tumour_volume_ml",
+    "slice_range",
+    "bbox_3d",
+    "mask_nifti",
+    "error",
+)
+
+
+def study_patient_row(study: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """patients.csv row (PATIENT_COLUMNS) of one volume study from its record and its rows."""
+    ok = [r for r in rows if not r["error"]]
+    largest = max(ok, key=lambda r: r["area_px"] or 0, default=None)
+    if largest is not None and not largest["area_px"]:
+        largest = None
+    return {
+        "patient_id": study["study_id"],
+        "slices": len(ok) if ok else 0,
+        "slices_failed": len(rows) - len(ok),
+        "slices_flagged": sum(1 for r in ok if r["decision"] == TUMOUR),
+        "tumour_volume_px": sum(int(r["area_px"] or 0) for r in ok),
+        "largest_slice": f"{study['source']}#slice={largest['slice']}" if largest is not None else None,
+        "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
+        "source": study["source"],
+        "tumour_voxels": study["tumour_voxels"],
+        "tumour_volume_ml": study["tumour_volume_ml"],
+        "slice_range": json.dumps(study["slice_range"]) if study["slice_range"] is not None else None,
+        "bbox_3d": json.dumps(study["bbox_3d"]) if study["bbox_3d"] is not None else None,
+        "mask_nifti": study["mask_nifti"],
+        "error": study["error"],
+    }
+
+
+def _write_reports(
+    out: Path,
+    rows: list[dict[str, Any]],
+    settings: dict[str, Any],
+    studies: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]] = (),
+) -> None:
+    """report.csv/json and patients.csv from the slice-file `rows` and the volume `studies`
+    ((record, rows) each; their rows follow the slice files' in report.csv)."""
+    study_rows = [r for _, srows in studies for r in srows]
     csv_rows = []
-    for row in rows:
+    for row in [*rows, *study_rows]:
         flat = dict(row)
         for key in ("bbox", "centroid"):
             flat[key] = json.dumps(row[key]) if row[key] is not None else None
@@ -364,12 +485,21 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, An
         # nullable integers: failed rows leave these empty without turning 64 into "64.0"
         table = table.astype({c: "Int64" for c in INTEGER_COLUMNS})
         table.to_csv(fh, index=False)
+    patients = pd.DataFrame(
+        [*patient_summary(rows).to_dict("records"), *(study_patient_row(st, sr) for st, sr in studies)],
+        columns=list(PATIENT_COLUMNS),
+    )
+    patients = patients.astype({c: "Int64" for c in ("slices", "slices_failed", "slices_flagged",
+                                                     "tumour_volume_px", "largest_area_px", "tumour_voxels")})
     with atomic_write(out / PATIENTS_CSV, "w", encoding="utf-8", newline="") as fh:
-        patient_summary(rows).to_csv(fh, index=False)
+        patients.to_csv(fh, index=False)
+    all_rows = [*rows, *study_rows]
     summary = {
-        "inputs": len(rows),
-        "failed": sum(1 for r in rows if r["error"]),
-        "flagged": sum(1 for r in rows if r["decision"] == TUMOUR),
+        "inputs": len(all_rows),
+        "failed": sum(1 for r in all_rows if r["error"]),
+        "flagged": sum(1 for r in all_rows if r["decision"] == TUMOUR),
+        "studies": len(studies),
+        "studies_failed": sum(1 for st, _ in studies if st["error"]),
     }
     atomic_write_json(
         out / REPORT_JSON,
@@ -377,7 +507,8 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], settings: dict[str, An
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "settings": settings,
             "summary": summary,
-            "rows": rows,
+            "rows": all_rows,
+            "studies": [st for st, _ in studies],
         },
     )
 
@@ -454,6 +585,156 @@ def _predict_batch(pipe: Any, images: list[np.ndarray]) -> list[Any]:
         except Exception as exc:  # noqa: BLE001 - reported in the slice's row
             results.append(exc)
     return results
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """One volume study to diagnose: a path a volume reader takes (`pipeline.volumes.readers`),
+    or, with `channels`, the (pre-contrast, FLAIR, post-contrast) sources of one study (3D NIfTI
+    files or DICOM series folders, `FOLDER@<SeriesInstanceUID>`; None for a missing one)."""
+
+    path: Path  # the rows' `path`: the study, or its FLAIR source (else the first given)
+    channels: tuple[str | None, str | None, str | None] | None = None
+    study_id: str | None = None
+
+    @classmethod
+    def from_channels(
+        cls, pre: str | None, flair: str | None, post: str | None, study_id: str | None = None
+    ) -> StudyInput:
+        first = next(src for src in (flair, pre, post) if src is not None)
+        channels = tuple(None if s is None else str(s) for s in (pre, flair, post))
+        return cls(path=_source_root(first).absolute(), channels=channels, study_id=study_id)
+
+    @property
+    def key(self) -> str:
+        """The journal key: the study's path, or its channel sources."""
+        if self.channels is None:
+            return str(self.path)
+        return "channels:" + "|".join(
+            "" if c is None else str(Path(c).expanduser().absolute()) for c in self.channels
+        )
+
+    def name(self) -> str:
+        """Study id before reading: `study_id`, else the path's name without `.nii[.gz]`."""
+        from pipeline.volumes.readers import study_name
+
+        return self.study_id or study_name(self.path)
+
+    def output_name(self) -> str:
+        """`<study name>__<hash>`: as `output_name`, without `.nii[.gz]` in the stem."""
+        from pipeline.volumes.readers import study_name
+
+        digest = output_name(self.path if self.channels is None else Path(self.key)).rsplit("__", 1)[1]
+        stem = re.sub(r"[^\w.-]+", "_", text(study_name(self.path))).strip("._") or "study"
+        return f"{stem}__{digest}"
+
+    def load(self) -> Any:
+        from pipeline.volumes.readers import read_trio, read_volume
+
+        if self.channels is None:
+            return read_volume(self.path)
+        return read_trio(*self.channels, study_id=self.study_id)
+
+    def files(self) -> list[Path]:
+        """Every file the study is read from (for its journal signature)."""
+        roots = [self.path] if self.channels is None else [_source_root(c) for c in self.channels if c]
+        files: list[Path] = []
+        for root in roots:
+            if root.is_dir():
+                files += sorted(p for p in root.rglob("*") if p.is_file())
+            else:
+                files.append(root)
+        return files
+
+    def signature(self) -> list[int] | None:
+        """[files, total size, newest mtime_ns] of the study's files, to notice a changed study."""
+        stats = [_signature(p) for p in self.files()]
+        if not stats or any(st is None for st in stats):
+            return None
+        return [len(stats), sum(st[0] for st in stats), max(st[1] for st in stats)]
+
+
+def _source_root(source: str | os.PathLike) -> Path:
+    """The file or folder of a channel source (`FOLDER@<SeriesInstanceUID>` -> FOLDER)."""
+    from pipeline.volumes.readers import SERIES_SEPARATOR
+
+    path = Path(source).expanduser()
+    if not path.exists() and SERIES_SEPARATOR in path.name:
+        path = Path(str(path).rsplit(SERIES_SEPARATOR, 1)[0])
+    return path
+
+
+def _study_patient(name: str) -> str:
+    from pipeline.data.readers import patient_id
+
+    return text(patient_id(name) or name)
+
+
+def _diagnose_study(
+    study: StudyInput, pipe: Any, writer: _Writer, use_volume: bool, explain: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """Diagnose one volume study -> (its record (STUDY_KEYS), its rows, Grad-CAM impossible).
+
+    Any failure (reading, co-registration, limits, prediction, writing the mask) is the study's
+    one error row; the batch goes on.
+    """
+    from pipeline.volumes.domain import to_model_slices
+    from pipeline.volumes.nifti_out import measure_study
+
+    record: dict[str, Any] = dict.fromkeys(STUDY_KEYS)
+    record.update(study_id=_study_patient(study.name()), source=text(str(study.path)))
+    name = study.output_name()
+    explain_failed = False
+    try:
+        volume = study.load()
+        record.update(
+            study_id=_study_patient(volume.study_id),
+            format=volume.format,
+            shape=list(volume.shape),
+            spacing_mm=None if volume.nominal_geometry else [round(v, 6) for v in volume.spacing],
+            slice_axis=volume.slice_axis,
+        )
+        slices, grid = to_model_slices(volume)
+        predict = pipe.predict_volume if use_volume else pipe.predict
+        results = list(predict(slices))
+        mask = grid.mask_to_input(np.stack([r.mask for r in results]))
+        measures = measure_study(mask, volume)
+        record["mask_nifti"] = writer.nifti(f"{VOLUME_DIR}/{name}_mask.nii.gz", mask, volume)
+        rows = []
+        for k, (image, result) in enumerate(zip(slices, results, strict=True)):
+            index = grid.input_slice(k)
+            row = _result_row(study.path, image, result)
+            row.update(slice=index, patient_id=record["study_id"])
+            if result.is_tumor:
+                try:
+                    if _write_outputs(
+                        writer, f"{name}_s{index}", row, image, result, pipe, explain and not explain_failed
+                    ):
+                        explain_failed = True
+                except Exception as exc:  # noqa: BLE001 - this slice's row
+                    row = _error_row(study.path, exc)
+                    row.update(slice=index, patient_id=record["study_id"])
+            rows.append(row)
+        rows.sort(key=lambda r: r["slice"])
+        record.update(
+            slices=len(rows),
+            slices_flagged=sum(1 for r in rows if r["decision"] == TUMOUR),
+            tumour_voxels=measures.voxels,
+            tumour_volume_ml=measures.volume_ml,
+            slice_range=list(measures.slice_range) if measures.slice_range else None,
+            bbox_3d=list(measures.bbox) if measures.bbox else None,
+        )
+        return record, rows, explain_failed
+    except Exception as exc:  # noqa: BLE001 - DataError or anything else a study can cause: its row
+        row = _error_row(study.path, exc)
+        row["patient_id"] = record["study_id"]
+        record["error"] = row["error"]
+        return record, [row], explain_failed
+
+
+def _study_outputs_present(out: Path, entry: dict[str, Any]) -> bool:
+    mask = entry["study"].get("mask_nifti")
+    return (not mask or (out / mask).is_file()) and all(_outputs_present(out, r) for r in entry["rows"])
 
 
 def _prepare_out(out: Path) -> None:
@@ -534,10 +815,15 @@ def run_diagnosis(
     volumes: bool = True,
     backend: str = "auto",
     precision: str = "auto",
+    pre: str | os.PathLike | None = None,
+    flair: str | os.PathLike | None = None,
+    post: str | os.PathLike | None = None,
+    study_id: str | None = None,
 ) -> DiagnosisResult:
-    """Diagnose every slice found in `inputs` and write the reports into `out` (module docstring).
+    """Diagnose every slice and volume study found in `inputs` and write the reports into `out`
+    (module docstring).
 
-    inputs: files, folders and glob patterns.
+    inputs: files, folders and glob patterns (slices, NIfTI files, study folders).
     out: the output folder (created).
     pipeline: a ready `TumorPipeline` (tests, notebooks); else one is loaded from the pair
         `pipeline.paths.resolve_pair(models_dir, run_dir)` picks (default: `models/`, else the
@@ -547,7 +833,11 @@ def run_diagnosis(
     explain: also write a Grad-CAM overlay per flagged slice.
     resume: skip inputs recorded in OUT's journal by an earlier run with the same settings.
     include_masks: also diagnose the dataset's `*_mask.*` files (skipped by default).
-    volumes: diagnose inputs that form a study together (`group_volumes`, `predict_volume`).
+    volumes: diagnose inputs that form a study together (`group_volumes`, `predict_volume`);
+        volume studies are diagnosed either way, with `predict_volume` only when True.
+    pre, flair, post: one more study given channel by channel (3D NIfTI files or DICOM series
+        folders, `FOLDER@<SeriesInstanceUID>`); a missing one is that study's error row.
+        `study_id` names it (default: the FLAIR source's name).
     backend, precision: what runs the models when the pipeline is loaded here
         (`pipeline.inference.backends`; Grad-CAM always uses Keras); recorded in the settings.
 
@@ -559,14 +849,27 @@ def run_diagnosis(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from pipeline.volumes.readers import find_studies
+
     out = Path(out).expanduser().absolute()
-    _check_locations(inputs, out)
-    paths = expand_inputs(inputs, include_masks=include_masks, exclude=[out])
+    inputs = list(inputs)
+    studies: list[StudyInput] = []
+    if any(src is not None for src in (pre, flair, post)):
+        studies.append(StudyInput.from_channels(
+            *(None if s is None else str(s) for s in (pre, flair, post)), study_id=study_id
+        ))
+    _check_locations([*inputs, *(s.path for s in studies)], out)
+    found, slice_items = find_studies(inputs, exclude=[out])
+    studies = [StudyInput(p) for p in found] + studies
+    paths = expand_inputs(slice_items, include_masks=include_masks, exclude=[out]) if slice_items else []
     skipped_masks = 0
-    if not include_masks:
-        skipped_masks = len(expand_inputs(inputs, include_masks=True, exclude=[out])) - len(paths)
-    if not paths:
-        raise DataError("no input images found (TIFF, PNG or JPEG)", [str(i) for i in inputs])
+    if not include_masks and slice_items:
+        skipped_masks = len(expand_inputs(slice_items, include_masks=True, exclude=[out])) - len(paths)
+    if not paths and not studies:
+        raise DataError(
+            "no input images (TIFF, PNG or JPEG) or volume studies (NIfTI, DICOM) found",
+            [str(i) for i in inputs],
+        )
     _prepare_out(out)
 
     if pipeline is None:
@@ -600,9 +903,10 @@ def run_diagnosis(
         "tile_size": int(getattr(pipeline, "tile_size", 0)),
         "explain": bool(explain),
         "backend": str(getattr(pipeline, "backend_name", "keras")),
+        "volume_domain": "axial PLS, 256x256 padded, uint8 as stored else min..max per channel",
     }
 
-    writer = _Writer(out, paths)
+    writer = _Writer(out, [*paths, *(s.path for s in studies)])
     names = output_names(paths)
     journal = _Journal(out / JOURNAL, settings)
     done = journal.load() if resume else {}
@@ -611,18 +915,26 @@ def run_diagnosis(
     rows: dict[str, dict[str, Any]] = {}
     for p in paths:
         entry = done.get(str(p))
-        if entry is None or not _outputs_present(out, entry["row"]):
+        if entry is None or entry.get("type") != "row" or not _outputs_present(out, entry["row"]):
             continue
         if entry.get("signature") == _signature(p):
             rows[str(p)] = entry["row"]
-    resumed = len(rows)
+    study_results: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for study in studies:
+        entry = done.get(study.key)
+        if entry is None or entry.get("type") != "study" or not _study_outputs_present(out, entry):
+            continue
+        if entry.get("signature") == study.signature():
+            study_results[study.key] = (entry["study"], entry["rows"])
+    resumed = len(rows) + len(study_results)
     todo = [p for p in paths if str(p) not in rows]
+    studies_todo = [s for s in studies if s.key not in study_results]
     if resumed:
-        log.info("resuming: %d of %d inputs already diagnosed in %s", resumed, len(paths), out)
+        log.info("resuming: %d of %d inputs already diagnosed in %s", resumed, len(paths) + len(studies), out)
 
     explain_failed = False
     with tqdm(
-        total=len(paths),
+        total=len(paths) + len(studies),
         initial=resumed,
         unit="slice",
         desc="diagnose",
@@ -661,9 +973,26 @@ def run_diagnosis(
                 )
             journal.append(records)
             bar.update(len(batch))
+        for study in studies_todo:
+            record, study_rows, impossible = _diagnose_study(
+                study, pipeline, writer, settings["volumes"], explain and not explain_failed
+            )
+            explain_failed = explain_failed or impossible
+            study_results[study.key] = (record, study_rows)
+            journal.append(
+                [{"type": "study", "key": study.key, "signature": study.signature(), "rows": study_rows,
+                  "study": record}]
+            )
+            bar.update(1)
 
     ordered = [rows[str(p)] for p in paths]
-    _write_reports(out, ordered, settings)
+    ordered_studies = [study_results[s.key] for s in studies]
+    _write_reports(out, ordered, settings, ordered_studies)
     return DiagnosisResult(
-        out=out, rows=ordered, resumed=resumed, skipped_masks=skipped_masks, settings=settings
+        out=out,
+        rows=ordered + [r for _, srows in ordered_studies for r in srows],
+        resumed=resumed,
+        skipped_masks=skipped_masks,
+        settings=settings,
+        studies=[record for record, _ in ordered_studies],
     )
