@@ -22,8 +22,11 @@ NNCF is needed only to make the files (`requirements-int8.txt`), not to run them
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +171,6 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     import nncf  # noqa: F401 - fail before the long steps when NNCF is missing
     import pandas as pd
 
-    from pipeline.evaluation.evaluate import evaluate
     from pipeline.inference.backends.agreement import PROBABILITY_TOL
     from pipeline.inference.backends.ir_cache import cached_ir
     from pipeline.models.model_io import load_pair, sha256_of
@@ -195,13 +197,21 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
                        "calibration_patients": "train split", "nncf": nncf.__version__}
 
     def run(pair: Path, precision: str, name: str) -> tuple[float, pd.DataFrame]:
-        result = evaluate(models=pair, split="val", splits=splits, data_dir=data_dir,
-                          cache_dir=cache_dir, out_dir=work / f"eval-{name}", n_boot=200, progress=False,
-                          backend="openvino",
-                          precision=precision)
-        dice = next(r["value"] for r in result.report["headline"]
-                    if r["metric"].startswith("End-to-end mean"))
-        return float(dice), pd.read_csv(work / f"eval-{name}" / "slices.csv")
+        # Each evaluation in its own process: with OpenVINO 2026.4.1, INT8 models compiled in a
+        # process that had compiled the float ones gave corrupted segmenter maps (validation
+        # segmenter-alone Dice 0.29-0.55 instead of 0.77, varying run to run); fresh processes agree.
+        out = work / f"eval-{name}"
+        cmd = [sys.executable, "-m", "pipeline", "evaluate", "--models", str(pair), "--split", "val",
+               "--splits", str(splits), "--out", str(out), "--n-boot", "200", "--no-progress",
+               "--backend", "openvino", "--precision", precision]
+        cmd += ["--data-dir", str(data_dir)] if data_dir else []
+        cmd += ["--cache-dir", str(cache_dir)] if cache_dir else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise DataError(f"evaluating {name} failed: {proc.stderr.strip().splitlines()[-1:]}", [pair])
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        dice = next(r["value"] for r in report["headline"] if r["metric"].startswith("End-to-end mean"))
+        return float(dice), pd.read_csv(out / "slices.csv")
 
     base_dice, base_slices = run(pair_dir, "f32", "f32")
     measured: dict[str, Any] = {"float32": {"val_e2e_mean_patient_dice": base_dice}}

@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 COMPILED = "compiled"
-FORMAT = 3  # bump when the meaning of the manifest or the export changes
+FORMAT = 4  # bump when the meaning of the manifest or the export changes
 
 
 def cache_root(flag: str | os.PathLike | None = None) -> Path:
