@@ -1,0 +1,45 @@
+"""`bench pipeline`: each backend timed side by side in one run, its JSON rows and its table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.benchmarks import end_to_end
+
+FIELDS = {"backend", "policy", "end_to_end_slices_per_s", "classifier_slices_per_s",
+          "segmenter_slices_per_s", "peak_rss_mb"}
+
+
+def _fake_worker(spec):
+    rate = {"keras": 10.0, "openvino": 25.0}[spec.get("backend", "keras")]
+    row = {"kind": spec["kind"], "backend": spec.get("backend", "keras"),
+           "policy": spec["policy"] if spec.get("backend", "keras") == "keras" else "f32",
+           "slices": "synthetic", "n_slices": spec["n_slices"], "n_tumour": 32, "n_flagged": 40,
+           "batch_size": spec["batch_size"], "models": "fake", "classifier_slices_per_s": 3 * rate,
+           "segmenter_slices_per_s": rate, "stages_only_slices_per_s": 1.2 * rate,
+           "end_to_end_slices_per_s": rate, "peak_rss_mb": 100.0}
+    if spec["kind"] == "baseline":
+        row.update(end_to_end_slices_per_s=2.0, classifier_slices_per_s=None, segmenter_slices_per_s=None)
+    return row
+
+
+def test_bench_pipeline_times_keras_and_openvino_side_by_side(monkeypatch, tmp_path, capsys):
+    specs = []
+    monkeypatch.setattr(end_to_end, "_run_worker", lambda spec: specs.append(spec) or _fake_worker(spec))
+    monkeypatch.setattr(end_to_end, "_find_pair", lambda models, fresh: None)
+    args = argparse.Namespace(batch_size=16, n_slices=96, baseline_slices=24, data_dir=None, models=None,
+                              fresh_models=True, policies=("float32",), backends=("keras", "openvino"),
+                              precisions=("auto", "f32"), json=tmp_path / "bench.json")
+    assert end_to_end.run(args) == 0
+    assert [(s["kind"], s.get("backend"), s.get("precision")) for s in specs] == [
+        ("pipeline", "keras", None), ("pipeline", "openvino", "auto"), ("pipeline", "openvino", "f32"),
+        ("baseline", None, None)]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    for row in report["results"]:
+        assert FIELDS <= set(row)
+    assert "cpu_flags" in report["environment"]
+    table = capsys.readouterr().out
+    openvino_line = next(line for line in table.splitlines() if line.startswith("pipeline   openvino"))
+    assert openvino_line.split()[-1] == "2.5"  # x keras float32 in the same run
+    assert "flags:" in table
