@@ -8,8 +8,8 @@ the notebook - goes through `read_array(path)`, which picks the reader by file s
 channels, unlike OpenCV's BGR), dtype and shape untouched. Callers then validate (the dataset's
 strict `pipeline.data.tiff_io`) or convert (inference's tolerant
 `pipeline.inference.image_loading.load_slice`). Today: `TiffReader` (.tif, .tiff) and
-`PillowReader` (.png, .jpg, .jpeg); a volume reader (NIfTI, DICOM series) registers the same
-way with `register_reader`.
+`PillowReader` (.png, .jpg, .jpeg). Whole studies (NIfTI, DICOM series, Kaggle folders) have
+their own registry of the same shape, `pipeline.volumes.readers`.
 
 Naming rules, the one home of each:
 * `patient_id(name)`: `TCGA_<inst>_<patient>`, the first three `_`-separated parts of a name

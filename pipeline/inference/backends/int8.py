@@ -111,7 +111,7 @@ def quantize_ir(xml: str | os.PathLike, slices: np.ndarray, out_xml: str | os.Pa
 
 # --------------------------------------------------------------------------- making the files
 
-VARIANTS = {"classifier": ("classifier",), "both": ("classifier", "segmenter")}
+VARIANTS = {"classifier": ("classifier",), "segmenter": ("segmenter",), "both": ("classifier", "segmenter")}
 
 
 def _training_slices(splits: Path, data_dir: Any, cache_dir: Any, n: int, seed: int) -> np.ndarray:
@@ -159,7 +159,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
                   work_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Quantize a pair's models, measure each variant on the validation patients, keep the best passing one.
 
-    Variants: the classifier alone in INT8, and both models. Each is evaluated end to end on the
+    Variants: the classifier alone in INT8, the segmenter alone, and both models. Each is evaluated end to end on the
     validation split against the float32 OpenVINO pipeline. The kept variant is the one with the
     most INT8 models among those with a drop <= `max_drop` and classifier probabilities within
     `PROBABILITY_TOL`; with `write`, its files go into `<pair>/openvino/` and `pipeline.json`
