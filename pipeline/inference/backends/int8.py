@@ -111,7 +111,11 @@ def quantize_ir(xml: str | os.PathLike, slices: np.ndarray, out_xml: str | os.Pa
 
 # --------------------------------------------------------------------------- making the files
 
-VARIANTS = {"classifier": ("classifier",), "segmenter": ("segmenter",), "both": ("classifier", "segmenter")}
+VARIANTS = {
+    "classifier": ("classifier",),
+    "segmenter": ("segmenter",),
+    "both": ("classifier", "segmenter"),
+}
 
 
 def _training_slices(splits: Path, data_dir: Any, cache_dir: Any, n: int, seed: int) -> np.ndarray:
