@@ -239,3 +239,44 @@ def test_a_backend_that_disagrees_is_refused_and_auto_falls_back_to_keras(tiny_s
     assert "using keras" in caplog.text
     with pytest.raises(BackendError):
         TumorPipeline(tiny_segmenter, tiny_segmenter, backend="openvino", precision="f32", tile_size=64)
+
+
+# --------------------------------------------------------------------------- optional INT8 files
+
+
+def _int8_pair(tmp_path, source_sha="a" * 64):
+    from pipeline.models.model_io import sha256_of
+
+    (tmp_path / "openvino").mkdir()
+    for ext in ("xml", "bin"):
+        (tmp_path / "openvino" / f"segmenter.int8.{ext}").write_bytes(f"fake {ext}".encode())
+    sums = {f"openvino/segmenter.int8.{ext}": sha256_of(tmp_path / "openvino" / f"segmenter.int8.{ext}")
+            for ext in ("xml", "bin")}
+    entry = {"xml": "openvino/segmenter.int8.xml", "bin": "openvino/segmenter.int8.bin",
+             "source_sha256": source_sha}
+    meta = {"sha256": sums, "openvino_int8": {"segmenter": entry}}
+    return meta
+
+
+def test_a_pairs_int8_ir_is_used_only_while_it_belongs_to_the_model_file(tmp_path, caplog):
+    from pipeline.inference.backends.int8 import int8_irs
+
+    meta = _int8_pair(tmp_path)
+    assert int8_irs(tmp_path, meta, {"segmenter": "a" * 64}) == {
+        "segmenter": tmp_path / "openvino" / "segmenter.int8.xml"}
+    with caplog.at_level(logging.WARNING):
+        assert int8_irs(tmp_path, meta, {"segmenter": "b" * 64}) == {}  # the model was retrained
+    assert "another model file" in caplog.text
+    (tmp_path / "openvino" / "segmenter.int8.bin").write_bytes(b"changed")
+    assert int8_irs(tmp_path, meta, {"segmenter": "a" * 64}) == {}  # the file no longer matches its sum
+
+
+def test_calibration_slices_are_half_tumour_when_there_are_enough():
+    from pipeline.inference.backends.int8 import calibration_slices
+
+    images = np.arange(100, dtype=np.float32).reshape(100, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+    has_tumour = np.arange(100) < 30
+    picked = calibration_slices(images, has_tumour, n=40, seed=0)
+    assert picked.shape == (40, 2, 2, 3)
+    assert int((picked[:, 0, 0, 0] < 30).sum()) == 20
+    assert len(calibration_slices(images, has_tumour, n=500)) == 100  # never more than there are
