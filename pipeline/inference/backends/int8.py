@@ -13,10 +13,12 @@ runs with an old INT8 copy) and its own files match their sums; `f32` / `bf16` n
 
 How one is made: the model's float32 IR is quantized by `nncf.quantize` (activations and
 weights to 8 bits, statistics from calibration slices of the *training* patients, half of them
-with tumour, full bias correction), then the pipeline is evaluated on the validation patients with and without it.
-A variant is kept only when the mean per-patient end-to-end Dice drops by at most `MAX_DROP`
-and the classifier's probabilities stay within the backend tolerance of float32
-(`agreement.PROBABILITY_TOL`, so the gate decides as Keras does); otherwise nothing is written.
+with tumour, full bias correction), then the pipeline is evaluated on the validation patients
+with and without it (`quantize_pair`). A variant is kept only when the mean per-patient
+end-to-end Dice drops by at most `MAX_DROP`, the classifier's probabilities stay within the
+backend tolerance of float32 (`agreement.PROBABILITY_TOL`, so the gate decides as Keras does)
+and the segmenter's masks agree on >= `agreement.MASK_AGREEMENT` of the validation pixels;
+otherwise nothing is written.
 NNCF is needed only to make the files (`requirements-int8.txt`), not to run them.
 """
 
