@@ -232,6 +232,12 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     batch = spec["batch_size"]
     backend = spec.get("backend", "keras")
     sums = meta.get("sha256") or {}
+    int8 = None
+    if backend == "openvino" and policy == "float32" and pair_dir is not None and meta.get("openvino_int8"):
+        from pipeline.inference.backends.int8 import int8_irs
+
+        int8 = int8_irs(pair_dir, meta, {"classifier": sums.get("classifier.keras"),
+                                         "segmenter": sums.get("segmenter.keras")})
     pipe = TumorPipeline(
         classifier,
         segmenter,
@@ -244,6 +250,7 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         # float32 rebuilds hold the files' weights exactly: share diagnose's IR cache entry
         model_sha256={"classifier": sums.get("classifier.keras"), "segmenter": sums.get("segmenter.keras")}
         if policy == "float32" and sums else None,
+        int8_xml=int8,  # the INT8 IRs the pair ships, used under precision auto as diagnose does
     )
 
     probabilities = pipe.classify(images)  # warm-up of the classifier

@@ -184,14 +184,18 @@ def _predict_fixed_batch(model: Any, batch: np.ndarray, size: int) -> np.ndarray
     """`model.predict_on_batch` (a backend runner's) on `batch` in chunks of `size` -> float32 outputs.
 
     Each chunk is zero-padded to a power-of-two length (`batch_bucket`): Keras traces its
-    predict function once per input shape (seconds each on a CPU) and OpenVINO compiles one
-    static shape each, so a handful of fixed lengths bound that work, while a chunk of 5
-    flagged slices costs 8, not `size`, slices of compute.
+    predict function once per input shape (seconds each on a CPU), so a handful of fixed
+    lengths bound the tracing, while a chunk of 5 flagged slices costs 8, not `size`, slices
+    of compute. A runner whose `pads_batches` is False (OpenVINO: a new static shape compiles
+    in a fraction of a second, and is cached) gets the chunk as it is, so 9 flagged slices
+    cost 9, not 16.
     """
+    pads = getattr(model, "pads_batches", True)
     outs = []
     for start in range(0, max(1, len(batch)), size):
         chunk = batch[start : start + size]
-        x = np.zeros((batch_bucket(len(chunk), size), *batch.shape[1:]), np.float32)
+        length = batch_bucket(len(chunk), size) if pads else max(1, len(chunk))
+        x = np.zeros((length, *batch.shape[1:]), np.float32)
         x[: len(chunk)] = chunk
         outs.append(np.asarray(model.predict_on_batch(x), np.float32)[: len(chunk)])
     return np.concatenate(outs)

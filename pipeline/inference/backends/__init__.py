@@ -2,8 +2,9 @@
 
 A backend turns a Keras model into a *runner*: an object with `predict_on_batch(x)` taking
 float32 (B, H, W, 3) raw pixel values and returning the model's float32 output, plus the
-`name` and `precision` it runs with. The pipeline pads every batch to a power-of-two bucket
-(`tumor_pipeline.batch_bucket`), so a runner sees a handful of static shapes.
+`name` and `precision` it runs with, and `pads_batches`: whether the pipeline should pad each
+batch to a power-of-two bucket (`tumor_pipeline.batch_bucket`) so that it sees a handful of
+shapes (Keras, which retraces per shape) or pass it as it is (OpenVINO).
 
     keras      the reference: `model.predict_on_batch` (training framework, Grad-CAM, GPUs)
     openvino   the models exported once to OpenVINO IR (cached by the model files' sha256,
@@ -75,6 +76,7 @@ class KerasRunner:
     """The reference backend: the Keras model itself, float32 outputs."""
 
     name = "keras"
+    pads_batches = True  # a new batch length costs Keras a retrace: pad to power-of-two buckets
 
     def __init__(self, model: Any) -> None:
         self.model = model

@@ -97,6 +97,7 @@ class OpenVINORunner:
     """
 
     name = "openvino"
+    pads_batches = False  # any batch length: one static shape per part size, compiled once
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32",
                  compiled_dir: str | os.PathLike | None = None, streams: int | None = None,
