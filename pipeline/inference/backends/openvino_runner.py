@@ -1,9 +1,10 @@
 """The OpenVINO backend: a Keras model's cached IR, compiled per static batch shape, on the CPU.
 
 Why static shapes: the IR Keras exports has a dynamic batch dimension, which the CPU plugin
-runs at less than half the speed of a fixed one. The pipeline already pads every batch to a
-power-of-two bucket, so the runner compiles one reshaped copy per bucket it meets (a fraction
-of a second each; OpenVINO's `CACHE_DIR` keeps the compiled blobs between runs).
+runs at less than half the speed of a fixed one. The runner compiles one reshaped copy per
+part size it meets (at most `batch_size / streams` of them; a fraction of a second each, and
+OpenVINO's `CACHE_DIR` keeps the compiled blobs between runs), so unlike Keras it takes batches
+of any length unpadded (`pads_batches = False`).
 
 Why several requests: the CPU plugin is compiled with `NUM_STREAMS` streams (`default_streams`:
 as many as the plugin allows on this machine, at most `MAX_STREAMS`), a batch is split into that
@@ -48,7 +49,6 @@ AUTO_PROBABILITY_MARGIN = 0.5
 MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
 TIMING_REPEATS = 3
 _CORE: Any = None
-_KEEP: list = []
 
 
 def core() -> Any:
@@ -114,7 +114,7 @@ class OpenVINORunner:
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.hint, "NUM_STREAMS": self.streams}
-        if self.compiled_dir is not None and not os.environ.get("LGG_NO_CACHE_DIR"):
+        if self.compiled_dir is not None:
             config["CACHE_DIR"] = str(self.compiled_dir)
         return config
 
@@ -122,8 +122,6 @@ class OpenVINORunner:
         if shape not in self._compiled:
             if self._model is None:
                 self._model = core().read_model(str(self.xml))
-                if os.environ.get("LGG_KEEP_ALIVE"):
-                    _KEEP.append(self._model)
             model = self._model.clone()
             model.reshape(list(shape))
             compiled = core().compile_model(model, "CPU", self._config())
