@@ -230,9 +230,10 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
                        "calibration_patients": "train split", "nncf": nncf.__version__}
 
     def run(pair: Path, precision: str, name: str) -> tuple[float, pd.DataFrame]:
-        # Each evaluation in its own process: with OpenVINO 2026.4.1, INT8 models compiled in a
-        # process that had compiled the float ones gave corrupted segmenter maps (validation
-        # segmenter-alone Dice 0.29-0.55 instead of 0.77, varying run to run); fresh processes agree.
+        # Each evaluation in its own process: with OpenVINO 2026.4.1, INT8 IRs of the earlier export
+        # (UpSampling2D as Tile/Transpose) gave corrupted segmenter maps when several pairs were
+        # evaluated in one process (validation segmenter-alone Dice 0.29-0.55 instead of 0.77,
+        # varying run to run), while fresh processes agreed. Not seen with the current export.
         out = work / f"eval-{name}"
         cmd = [sys.executable, "-m", "pipeline", "evaluate", "--models", str(pair), "--split", "val",
                "--splits", str(splits), "--out", str(out), "--n-boot", "200", "--no-progress",
@@ -264,7 +265,8 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     decision = max(kept, key=lambda v: len(VARIANTS[v])) if kept else None
     report = {"measured": measured, "kept": decision, "max_drop": max_drop, "work_dir": str(work)}
     if decision and write:
-        record = {**meta, INT8_KEY: {}, "sha256": dict(sums)}
+        kept_sums = {n: v for n, v in sums.items() if not n.startswith(f"{INT8_DIR}/")}  # no stale ones
+        record = {**meta, INT8_KEY: {}, "sha256": kept_sums}
         (pair_dir / INT8_DIR).mkdir(exist_ok=True)
         for role in VARIANTS[decision]:
             entry = files[role]
