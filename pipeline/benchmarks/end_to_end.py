@@ -231,13 +231,14 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     classifier, segmenter, meta, models = _models_under_policy(pair_dir)
     batch = spec["batch_size"]
     backend = spec.get("backend", "keras")
-    sums = meta.get("sha256") or {}
+    from pipeline.models.pair_artifact import model_sums
+
+    sums = model_sums(meta.get("sha256") or {})
     int8 = None
     if backend == "openvino" and policy == "float32" and pair_dir is not None and meta.get("openvino_int8"):
         from pipeline.inference.backends.int8 import int8_irs
 
-        int8 = int8_irs(pair_dir, meta, {"classifier": sums.get("classifier.keras"),
-                                         "segmenter": sums.get("segmenter.keras")})
+        int8 = int8_irs(pair_dir, meta, sums)
     pipe = TumorPipeline(
         classifier,
         segmenter,
@@ -248,8 +249,7 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         backend=backend,
         precision=spec.get("precision", "auto"),
         # float32 rebuilds hold the files' weights exactly: share diagnose's IR cache entry
-        model_sha256={"classifier": sums.get("classifier.keras"), "segmenter": sums.get("segmenter.keras")}
-        if policy == "float32" and sums else None,
+        model_sha256=sums if policy == "float32" else None,
         int8_xml=int8,  # the INT8 IRs the pair ships, used under precision auto as diagnose does
     )
 

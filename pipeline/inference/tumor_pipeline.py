@@ -325,12 +325,9 @@ class TumorPipeline:
             artifact = PairArtifact.from_dict(pair.meta, allow_unverified=True)
         settings = artifact.pipeline_settings()
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        from pipeline.models.model_io import CLASSIFIER_FILE, SEGMENTER_FILE
+        from pipeline.models.pair_artifact import model_sums
 
-        sums = artifact.sha256
-        settings.setdefault("model_sha256", {role: sums[name] for role, name in
-                                             (("classifier", CLASSIFIER_FILE), ("segmenter", SEGMENTER_FILE))
-                                             if name in sums})
+        settings.setdefault("model_sha256", model_sums(artifact.sha256))
         if settings.get("backend", "keras") != "keras" and pair.meta.get("openvino_int8"):
             from pipeline.inference.backends.int8 import int8_irs
 

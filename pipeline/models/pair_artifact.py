@@ -49,8 +49,10 @@ __all__ = [
     "CLASSIFIER_FILE",
     "META_FILE",
     "MODEL_FILES",
+    "MODEL_ROLES",
     "SEGMENTER_FILE",
     "PairArtifact",
+    "model_sums",
     "portable_paths",
     "read_pair_meta",
     "read_pair_record",
@@ -60,6 +62,7 @@ __all__ = [
 CLASSIFIER_FILE = "classifier.keras"
 SEGMENTER_FILE = "segmenter.keras"
 MODEL_FILES = (CLASSIFIER_FILE, SEGMENTER_FILE)
+MODEL_ROLES = {"classifier": CLASSIFIER_FILE, "segmenter": SEGMENTER_FILE}
 META_FILE = PAIR_META_FILE  # pipeline.json
 ALLOW_UNVERIFIED_HINT = "pass --allow-unverified (allow_unverified=True) to load it anyway"
 
@@ -209,6 +212,11 @@ class PairArtifact:
         record.update(self.extra)
         record["sha256"] = dict(self.sha256)
         return record
+
+
+def model_sums(sha256: Mapping[str, str]) -> dict[str, str]:
+    """{role: sha256} of the model files in a pair's `sha256` map (a role without a sum is left out)."""
+    return {role: sha256[name] for role, name in MODEL_ROLES.items() if name in sha256}
 
 
 def read_pair_record(directory: str | os.PathLike) -> dict[str, Any]:

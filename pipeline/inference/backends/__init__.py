@@ -44,7 +44,8 @@ AUTO = "auto"
 BACKEND_ENV = "LGG_BACKEND"
 BACKENDS = ("keras", "openvino")
 CHOICES = (AUTO, *BACKENDS)
-PRECISION_CHOICES = (AUTO, "f32", "bf16")
+PRECISIONS = ("f32", "bf16")  # OpenVINO precision hints (`openvino_runner`)
+PRECISION_CHOICES = (AUTO, *PRECISIONS)
 
 
 def add_backend_arguments(parser: Any) -> None:

@@ -207,12 +207,13 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     from pipeline.inference.backends.agreement import MASK_AGREEMENT, PROBABILITY_TOL
     from pipeline.inference.backends.ir_cache import cached_ir
     from pipeline.models.model_io import load_pair, sha256_of
-    from pipeline.models.pair_artifact import META_FILE, write_pair_meta
+    from pipeline.models.pair_artifact import META_FILE, model_sums, write_pair_meta
 
     pair_dir = Path(pair_dir)
     pair = load_pair(pair_dir)
     meta = dict(pair.meta)
     sums = meta["sha256"]
+    source_sums = model_sums(sums)
     splits = pair_dir / "splits.csv"
     if not splits.is_file():
         splits = Path((meta.get("data") or {}).get("splits_file") or splits)
@@ -222,11 +223,11 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
 
     files: dict[str, dict[str, str]] = {}
     for role, model in (("classifier", pair.classifier), ("segmenter", pair.segmenter)):
-        entry, _ = cached_ir(model, sums[f"{role}.keras"])
+        entry, _ = cached_ir(model, source_sums[role])
         out = quantize_ir(entry.xml, slices, work / "int8" / f"{role}.int8.xml")
         files[role] = {"xml": f"{INT8_DIR}/{role}.int8.xml", "bin": f"{INT8_DIR}/{role}.int8.bin",
                        "abs_xml": str(out), "abs_bin": str(out.with_suffix(".bin")),
-                       "source_sha256": sums[f"{role}.keras"], "calibration_slices": int(len(slices)),
+                       "source_sha256": source_sums[role], "calibration_slices": int(len(slices)),
                        "calibration_patients": "train split", "nncf": nncf.__version__}
 
     def run(pair: Path, precision: str, name: str) -> tuple[float, pd.DataFrame]:
@@ -248,7 +249,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
         return float(dice), pd.read_csv(out / "slices.csv")
 
     base_dice, base_slices = run(pair_dir, "f32", "f32")
-    masks = _segmenter_mask_agreement(cached_ir(pair.segmenter, sums["segmenter.keras"])[0].xml,
+    masks = _segmenter_mask_agreement(cached_ir(pair.segmenter, source_sums["segmenter"])[0].xml,
                                       Path(files["segmenter"]["abs_xml"]), splits, data_dir, cache_dir)
     measured: dict[str, Any] = {"float32": {"val_e2e_mean_patient_dice": base_dice}}
     for variant, roles in VARIANTS.items():

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.io_utils import atomic_write_json
+from pipeline.models.model_io import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,6 @@ def model_fingerprint(model: Any) -> str:
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -179,7 +175,7 @@ def _problem(directory: Path, sha256: str, versions: dict[str, str]) -> str | No
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if _file_sha256(path) != manifest.get("ir_sha256", {}).get(name):
+        if sha256_of(path) != manifest.get("ir_sha256", {}).get(name):
             return f"{name} does not match the sum in {MANIFEST}"
     return None
 
@@ -211,7 +207,7 @@ def cached_ir(model: Any, sha256: str, root: str | os.PathLike | None = None) ->
             "model_sha256": sha256,
             **versions,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "ir_sha256": {name: _file_sha256(tmp / name) for name in (IR_XML, IR_BIN)},
+            "ir_sha256": {name: sha256_of(tmp / name) for name in (IR_XML, IR_BIN)},
         }
         atomic_write_json(tmp / MANIFEST, manifest)
         try:

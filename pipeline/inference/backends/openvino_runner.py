@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inference.backends import AUTO, BackendError
+from pipeline.inference.backends import AUTO, PRECISIONS, BackendError
 from pipeline.inference.backends.agreement import PROBABILITY_TOL, check_agreement, probe_batch
 from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PRECISIONS", "OpenVINORunner", "choose_precision", "cpu_key", "openvino_runner"]
 
-PRECISIONS = ("f32", "bf16")
 BF16_MARGIN = 1.10
 AUTO_PROBABILITY_MARGIN = 0.5
 MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
