@@ -280,3 +280,26 @@ def test_calibration_slices_are_half_tumour_when_there_are_enough():
     assert picked.shape == (40, 2, 2, 3)
     assert int((picked[:, 0, 0, 0] < 30).sum()) == 20
     assert len(calibration_slices(images, has_tumour, n=500)) == 100  # never more than there are
+
+
+def test_int8_files_are_listed_with_their_sums_and_stale_ones_dropped(tmp_path):
+    import shutil
+
+    from pipeline.inference.backends.int8 import _int8_record, int8_irs
+
+    made = tmp_path / "made"
+    made.mkdir()
+    entry = {"xml": "openvino/segmenter.int8.xml", "bin": "openvino/segmenter.int8.bin",
+             "source_sha256": "a" * 64, "abs_xml": str(made / "s.xml"), "abs_bin": str(made / "s.bin")}
+    for key in ("xml", "bin"):
+        (made / f"s.{key}").write_bytes(key.encode())
+    meta = {"threshold": 0.5,
+            "sha256": {"classifier.keras": "c" * 64, "openvino/classifier.int8.xml": "d" * 64},
+            "openvino_int8": {"classifier": {"xml": "openvino/classifier.int8.xml"}}}
+    pair = tmp_path / "pair"
+    record = _int8_record(meta, {"segmenter": entry}, pair, shutil.copyfile)
+    assert set(record["sha256"]) == {"classifier.keras", entry["xml"], entry["bin"]}  # the stale sum is gone
+    assert list(record["openvino_int8"]) == ["segmenter"]
+    assert not any(k.startswith("abs_") for k in record["openvino_int8"]["segmenter"])
+    assert meta["sha256"]["openvino/classifier.int8.xml"] == "d" * 64  # the input record is left alone
+    assert int8_irs(pair, record, {"segmenter": "a" * 64}) == {"segmenter": pair / entry["xml"]}

@@ -122,33 +122,33 @@ VARIANTS = {
 }
 
 
-def _training_slices(splits: Path, data_dir: Any, cache_dir: Any, n: int, seed: int) -> np.ndarray:
+def _dataset(data_dir: Any, cache_dir: Any) -> tuple[Any, np.ndarray]:
+    """(index frame, decoded images aligned with it) of the data root, read once for every step."""
     from pipeline.data.array_cache import load_arrays
     from pipeline.data.index import index_dataset
-    from pipeline.evaluation.evaluate import select_positions
     from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
     cache = resolve_cache_dir(cache_dir)
     index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
+    return index_df, load_arrays(index_df, cache, progress=False).images
+
+
+def _training_slices(index_df: Any, images: np.ndarray, splits: Path, n: int, seed: int) -> np.ndarray:
+    """`calibration_slices` from the training patients of `splits`."""
+    from pipeline.evaluation.evaluate import select_positions
+
     positions = select_positions(index_df, "train", splits)
-    arrays = load_arrays(index_df, cache, progress=False)
-    rows = index_df.iloc[positions]
-    chosen = calibration_slices(np.arange(len(rows)), rows["has_tumor"].to_numpy(bool), n, seed).astype(int)
-    return np.asarray(arrays.images[positions[chosen]], np.float32)
+    has_tumour = index_df.iloc[positions]["has_tumor"].to_numpy(bool)
+    chosen = calibration_slices(np.arange(len(positions)), has_tumour, n, seed).astype(int)
+    return np.asarray(images[positions[chosen]], np.float32)
 
 
-def _segmenter_mask_agreement(f32_xml: Path, int8_xml: Path, splits: Path, data_dir: Any,
-                              cache_dir: Any) -> float:
+def _segmenter_mask_agreement(f32_xml: Path, int8_xml: Path, index_df: Any, images: np.ndarray,
+                              splits: Path) -> float:
     """Share of pixels of every validation slice on the same side of 0.5 under the two IRs."""
-    from pipeline.data.array_cache import load_arrays
-    from pipeline.data.index import index_dataset
     from pipeline.evaluation.evaluate import select_positions
     from pipeline.inference.backends.openvino_runner import OpenVINORunner
-    from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
-    cache = resolve_cache_dir(cache_dir)
-    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
-    images = load_arrays(index_df, cache, progress=False).images
     positions = select_positions(index_df, "val", splits)
     runners = OpenVINORunner(f32_xml, "f32"), OpenVINORunner(int8_xml, "f32")
     same = total = 0
@@ -160,27 +160,41 @@ def _segmenter_mask_agreement(f32_xml: Path, int8_xml: Path, splits: Path, data_
     return same / total if total else 1.0
 
 
-def _variant_pair(pair_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, str]],
+def _int8_record(meta: dict[str, Any], files: dict[str, dict[str, Any]], directory: Path,
+                 place: Any) -> dict[str, Any]:
+    """`meta` listing the INT8 `files` ({role: entry}) as a pair in `directory` ships them.
+
+    `place(source, target)` puts each file there (a link, a copy); the record's `sha256` map
+    gets their sums and loses those of INT8 files no longer listed.
+    """
+    from pipeline.models.model_io import sha256_of
+
+    sums = {n: v for n, v in (meta.get("sha256") or {}).items() if not n.startswith(f"{INT8_DIR}/")}
+    record = {**meta, INT8_KEY: {}, "sha256": sums}
+    for role, entry in files.items():
+        for key in ("xml", "bin"):
+            target = directory / entry[key]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            place(Path(entry["abs_" + key]), target)
+            sums[entry[key]] = sha256_of(target)
+        record[INT8_KEY][role] = {k: v for k, v in entry.items() if not k.startswith("abs_")}
+    return record
+
+
+def _link(source: Path, target: Path) -> None:
+    if not target.exists():
+        os.symlink(source.resolve(), target)
+
+
+def _variant_pair(pair_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]],
                   where: Path) -> Path:
     """A pair directory `where` that links to `pair_dir`'s models and ships the INT8 `files`."""
-    from pipeline.models.model_io import sha256_of
     from pipeline.models.pair_artifact import MODEL_FILES, write_pair_meta
 
     where.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
-        target = where / name
-        if not target.exists():
-            os.symlink((pair_dir / name).resolve(), target)
-    record = {**meta, INT8_KEY: {}, "sha256": dict(meta.get("sha256") or {})}
-    for role, entry in files.items():
-        for key in ("xml", "bin"):
-            link = where / entry[key]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                os.symlink(Path(entry["abs_" + key]).resolve(), link)
-            record["sha256"][entry[key]] = sha256_of(link)
-        record[INT8_KEY][role] = {k: v for k, v in entry.items() if not k.startswith("abs_")}
-    write_pair_meta(where, record)
+        _link(pair_dir / name, where / name)
+    write_pair_meta(where, _int8_record(meta, files, where, _link))
     return where
 
 
@@ -206,7 +220,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
 
     from pipeline.inference.backends.agreement import MASK_AGREEMENT, PROBABILITY_TOL
     from pipeline.inference.backends.ir_cache import cached_ir
-    from pipeline.models.model_io import load_pair, sha256_of
+    from pipeline.models.model_io import load_pair
     from pipeline.models.pair_artifact import META_FILE, model_sums, write_pair_meta
 
     pair_dir = Path(pair_dir)
@@ -218,7 +232,8 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     if not splits.is_file():
         splits = Path((meta.get("data") or {}).get("splits_file") or splits)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="quantize-"))
-    slices = _training_slices(splits, data_dir, cache_dir, n_calibration, seed)
+    index_df, images = _dataset(data_dir, cache_dir)
+    slices = _training_slices(index_df, images, splits, n_calibration, seed)
     log.info("calibration: %d slices of the training patients", len(slices))
 
     files: dict[str, dict[str, str]] = {}
@@ -250,7 +265,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
 
     base_dice, base_slices = run(pair_dir, "f32", "f32")
     masks = _segmenter_mask_agreement(cached_ir(pair.segmenter, source_sums["segmenter"])[0].xml,
-                                      Path(files["segmenter"]["abs_xml"]), splits, data_dir, cache_dir)
+                                      Path(files["segmenter"]["abs_xml"]), index_df, images, splits)
     measured: dict[str, Any] = {"float32": {"val_e2e_mean_patient_dice": base_dice}}
     for variant, roles in VARIANTS.items():
         where = _variant_pair(pair_dir, meta, {r: files[r] for r in roles}, work / f"pair-{variant}")
@@ -266,17 +281,8 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     decision = max(kept, key=lambda v: len(VARIANTS[v])) if kept else None
     report = {"measured": measured, "kept": decision, "max_drop": max_drop, "work_dir": str(work)}
     if decision and write:
-        kept_sums = {n: v for n, v in sums.items() if not n.startswith(f"{INT8_DIR}/")}  # no stale ones
-        record = {**meta, INT8_KEY: {}, "sha256": kept_sums}
-        (pair_dir / INT8_DIR).mkdir(exist_ok=True)
-        for role in VARIANTS[decision]:
-            entry = files[role]
-            for key in ("xml", "bin"):
-                shutil.copyfile(entry["abs_" + key], pair_dir / entry[key])
-                record["sha256"][entry[key]] = sha256_of(pair_dir / entry[key])
-            record[INT8_KEY][role] = {**{k: v for k, v in entry.items() if not k.startswith("abs_")},
-                                      "validation": measured[decision]}
-        write_pair_meta(pair_dir, record)
+        chosen = {r: {**files[r], "validation": measured[decision]} for r in VARIANTS[decision]}
+        write_pair_meta(pair_dir, _int8_record(meta, chosen, pair_dir, shutil.copyfile))
         sums_file = pair_dir / "SHA256SUMS"
         if sums_file.is_file():
             from pipeline.io_utils import atomic_write
