@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate", "Re-choose a pair's operating point on the validation patients."),
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
     "compare": ("compare", "Paired per-patient comparison of two evaluation folders."),
+    "cv": ("cv", "Pooled out-of-fold results of cross-validated variants, paired against a baseline."),
     "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
     "notebook": ("notebook", "Execute the exploration notebook on a data root, keeping its outputs."),
     "release": (

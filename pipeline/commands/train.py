@@ -7,6 +7,8 @@ Examples::
     python -m pipeline train --set classifier.image_size=224 --set segmenter.epochs=60
     python -m pipeline train --resume                          # continue the latest run (runs/LATEST)
     python -m pipeline train --preset configs/release.yaml --stage segmenter   # the released segmenter
+    python -m pipeline train --preset configs/cv_resnet50.yaml --stage segmenter --folds 3 --fold 0 \
+        --run-dir runs/cv/resnet50/fold0                       # one cross-validation fold (resumable)
 
 Re-running with the same ``--run-dir`` (or ``--resume``) continues an interrupted run; the
 run's saved ``config.yaml`` is then the base config and ``--set`` overrides still apply.
@@ -63,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which stage(s) to train (default: %(default)s)",
     )
     parser.add_argument(
+        "--fold", type=int, metavar="K",
+        help="cross-validation: train on the other folds of the train + validation patients and validate "
+        "on fold K (0-based; the test patients never enter a fold); sets data.fold",
+    )
+    parser.add_argument("--folds", type=int, metavar="N",
+                        help="number of folds with --fold (data.folds, default 5)")
+    parser.add_argument(
         "--classifier-from",
         default="models",
         metavar="PAIR",
@@ -79,6 +88,10 @@ def resolve_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
+    if getattr(args, "fold", None) is not None:
+        overrides.append(f"data.fold={args.fold}")
+    if getattr(args, "folds", None) is not None:
+        overrides.append(f"data.folds={args.folds}")
     presets = [*getattr(args, "presets", []), *([QUICK_PRESET] if args.quick else [])]
     fresh = load_config(args.config, presets, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else None

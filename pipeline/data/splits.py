@@ -26,6 +26,8 @@ __all__ = [
     "ensure_splits",
     "positions_for_split",
     "split_table",
+    "make_folds",
+    "fold_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,46 @@ def make_splits(
     splits = pd.DataFrame({"patient_id": table.index.to_numpy(), "split": split_of})
     _verify(splits, table, fractions)
     return splits.sort_values("patient_id", kind="stable").reset_index(drop=True)
+
+
+def make_folds(index_df: pd.DataFrame, splits: pd.DataFrame, folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """The train and validation patients of `splits` -> DataFrame[patient_id, fold] (fold 0..folds-1).
+
+    Stratified like `make_splits` (tumour-slice fraction strata, dealt in turn), seeded, so
+    the same data, split and seed always give the same folds. Test patients are never in a
+    fold. Raises DataError when a fold would get no patient with tumour.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    pool = set(splits.loc[splits["split"].isin(("train", "val")), "patient_id"])
+    table = _patient_table(index_df[index_df["patient_id"].isin(pool)])
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(len(table)), _strata(table)))
+    fold_of = np.empty(len(table), dtype=int)
+    fold_of[order] = np.arange(len(table)) % folds
+    out = pd.DataFrame({"patient_id": table.index.to_numpy(), "fold": fold_of})
+    tumour = out["patient_id"].map(table["tumor"])
+    for k in range(folds):
+        if tumour[out["fold"] == k].sum() == 0:
+            raise DataError(f"cannot make {folds} folds of {len(table)} patients: "
+                            f"fold {k} gets no tumour slice")
+    return out
+
+
+def fold_split(splits: pd.DataFrame, folds_df: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """DataFrame[patient_id, split] for cross-validation fold `fold`: that fold validates, the others train.
+
+    The test patients of `splits` stay test; patients in no fold keep their split only if test.
+    """
+    if fold not in set(folds_df["fold"]):
+        raise ValueError(f"fold {fold} not in folds {sorted(set(folds_df['fold']))}")
+    val = set(folds_df.loc[folds_df["fold"] == fold, "patient_id"])
+    train = set(folds_df["patient_id"]) - val
+    test = set(splits.loc[splits["split"] == "test", "patient_id"])
+    rows = [(p, "train") for p in train] + [(p, "val") for p in val] + [(p, "test") for p in test]
+    out = pd.DataFrame(rows, columns=SPLIT_COLUMNS).sort_values("patient_id", kind="stable")
+    assert_no_leakage(out)
+    return out.reset_index(drop=True)
 
 
 def _verify(splits: pd.DataFrame, table: pd.DataFrame, fractions: Sequence[float]) -> None:

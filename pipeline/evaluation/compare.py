@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline import metrics
 
-__all__ = ["compare_evaluations", "render_comparison"]
+__all__ = ["compare_evaluations", "error_counts", "render_comparison"]
 
 SCORES = (
     ("e2e_dice", "end to end, mean per-patient Dice"),
@@ -26,7 +26,8 @@ SCORES = (
 )
 
 
-def _counts(slices: pd.DataFrame, prefix: str) -> dict[str, int]:
+def error_counts(slices: pd.DataFrame, prefix: str) -> dict[str, int]:
+    """Pixel and slice error counts of `prefix` ("e2e" or "seg") in an evaluation's slices table."""
     empty = ~slices["has_tumor"].astype(bool)
     pred = slices[f"{prefix}_pred_pixels"] > 0
     return {
@@ -70,7 +71,7 @@ def compare_evaluations(a: str | os.PathLike, b: str | os.PathLike, n_boot: int 
             "per_patient": {pid: round(float(x), 4) for pid, x in zip(common, d, strict=True)},
         }
     out["counts"] = {
-        prefix: {"baseline": _counts(sa, prefix), "candidate": _counts(sb, prefix)}
+        prefix: {"baseline": error_counts(sa, prefix), "candidate": error_counts(sb, prefix)}
         for prefix in ("e2e", "seg")
     }
     return out

@@ -49,6 +49,11 @@ class DataConfig:
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
     skip_bad: bool = False
+    # Cross-validation: with `fold` set, the train and validation patients of `splits` are dealt
+    # into `folds` folds (pipeline.data.splits.make_folds); fold `fold` validates, the rest train.
+    # The test patients never enter a fold.
+    fold: int | None = None
+    folds: int = 5
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,15 @@ class HardNegativeConfig:
 class SegmenterConfig:
     """Stage 2: ResUNet trained on a mix of tumour, random and hard-negative crops."""
 
+    # resunet: the course ResUNet from scratch (base_filters, depth) | resnet50: ImageNet ResNet50
+    # encoder with a residual decoder (pipeline.models.resnet_unet: encoder_*, decoder_filters)
+    encoder: str = "resunet"
     base_filters: int = 16
     depth: int = 4
+    encoder_weights: str = "imagenet"  # "imagenet", "none" or a weights file (resnet50 only)
+    encoder_stages: int = 4  # ResNet50 stages used (3..5); the deepest skip has stride 2**encoder_stages
+    encoder_trainable: int = 1  # top encoder stages fine-tuned (0: encoder frozen; BN always frozen)
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32)  # one width per level, deepest first
     batch_size: int = 16
     epochs: int = 80
     lr: float = 1e-3
@@ -182,6 +194,7 @@ class Config:
 
 # Fixed-choice string options: dotted key -> valid values (a typo names them).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "segmenter.encoder": ("resunet", "resnet50"),
     "segmenter.train_on": ("mix", "tumor", "all"),
     "segmenter.monitor": ("val_patient_dice", "val_dice", "val_tumor_slice_dice"),
     "training.strategy": ("auto", "default", "mirrored", "multi_worker"),
@@ -314,6 +327,18 @@ def _validate(config: Config, source: str) -> Config:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}", [source])
     _check_augment_params(config.segmenter.augment.params, source)
+    d = config.data
+    if d.folds < 2 or (d.fold is not None and not 0 <= d.fold < d.folds):
+        raise ConfigError(f"data.fold / data.folds: need folds >= 2 and 0 <= fold < folds, "
+                          f"got fold={d.fold}, folds={d.folds}", [source])
+    s = config.segmenter
+    bad = (s.encoder_stages not in (3, 4, 5) or len(s.decoder_filters) != s.encoder_stages
+           or not 0 <= s.encoder_trainable < s.encoder_stages)
+    if s.encoder == "resnet50" and bad:
+        raise ConfigError(f"segmenter: encoder_stages {s.encoder_stages} must be 3..5 with one "
+                          "decoder_filters "
+                          f"width per stage (got {list(s.decoder_filters)}) and encoder_trainable in "
+                          f"0..{s.encoder_stages - 1} (got {s.encoder_trainable})", [source])
     if any(not 0.0 < t < 1.0 for t in config.calibration.thresholds) or not config.calibration.thresholds:
         raise ConfigError("calibration.thresholds: need at least one value, each in (0, 1)", [source])
     cal = config.calibration

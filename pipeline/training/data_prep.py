@@ -8,7 +8,6 @@ patients stay untouched for `make evaluate`.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,14 @@ import pandas as pd
 
 from pipeline.data.array_cache import load_arrays
 from pipeline.data.index import index_dataset, summarize
-from pipeline.data.splits import assert_no_leakage, ensure_splits, positions_for_split
+from pipeline.data.splits import (
+    assert_no_leakage,
+    ensure_splits,
+    fold_split,
+    make_folds,
+    positions_for_split,
+    save_splits,
+)
 from pipeline.errors import DataError
 from pipeline.paths import resolve_cache_dir, resolve_data_dir
 from pipeline.training.config import DataConfig, project_path
@@ -91,6 +97,10 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
     splits = ensure_splits(index, splits_path, fractions=tuple(cfg.fractions), seed=cfg.seed)
     assert_no_leakage(splits)
     log.info("patient split %s: %s", splits.attrs.get("source", "loaded"), splits_path)
+    if cfg.fold is not None:
+        splits = fold_split(splits, make_folds(index, splits, cfg.folds, cfg.seed), cfg.fold)
+        log.info("cross-validation fold %d of %d: %d train / %d validation patients (test held out)",
+                 cfg.fold, cfg.folds, (splits["split"] == "train").sum(), (splits["split"] == "val").sum())
     train_pos = positions_for_split(index, splits, "train")
     val_pos = positions_for_split(index, splits, "val")
     if len(train_pos) == 0 or len(val_pos) == 0:
@@ -118,9 +128,10 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
 
 
 def copy_splits(data: TrainingData, run_dir: Path) -> Path:
-    """Copy the split file into the run directory (`splits.csv`) so the run is self-describing."""
+    """Write the split used (a fold's split under cross-validation) into the run directory as `splits.csv`.
+
+    The run's pair is then evaluated on exactly the patients it was validated on (`evaluate --split val`).
+    """
     dest = Path(run_dir) / "splits.csv"
-    tmp = dest.with_name(".splits.csv.tmp")
-    shutil.copyfile(data.splits_path, tmp)
-    tmp.replace(dest)
+    save_splits(data.splits, dest)
     return dest

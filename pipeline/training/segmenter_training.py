@@ -31,10 +31,11 @@ from pipeline.data.dataset import make_dataset
 from pipeline.losses import get_loss
 from pipeline.metrics import DiceMetric, IoUMetric
 from pipeline.models.model_io import SEGMENTER_FILE, load_model, load_pair, save_model
+from pipeline.models.resnet_unet import build_resnet_unet
 from pipeline.models.resunet import build_resunet
 from pipeline.training import callbacks as cb
 from pipeline.training.classifier_training import StageResult
-from pipeline.training.config import Config, project_path
+from pipeline.training.config import Config, SegmenterConfig, project_path
 from pipeline.training.data_prep import TrainingData
 from pipeline.training.hard_negatives import sampler_pools
 from pipeline.training.phase import fit_phase, make_optimizer, read_marker, write_marker
@@ -43,6 +44,27 @@ from pipeline.training.selection import PipelineSelection
 log = logging.getLogger(__name__)
 
 STAGE = "segmenter"
+
+
+# segmenter.encoder -> (builder from the config section, one-line description for the log)
+SEGMENTER_BUILDERS = {
+    "resunet": lambda s: build_resunet(base_filters=s.base_filters, depth=s.depth),
+    "resnet50": lambda s: build_resnet_unet(s.encoder_stages, s.decoder_filters, s.encoder_trainable,
+                                            weights=s.encoder_weights),
+}
+
+
+def describe(s: SegmenterConfig) -> str:
+    """One line naming the segmenter design of `s`, for logs and the run summary."""
+    if s.encoder == "resnet50":
+        return (f"ResNet50-encoder U-Net ({s.encoder_weights}, stages 1-{s.encoder_stages}, top "
+                f"{s.encoder_trainable} fine-tuned, decoder {list(s.decoder_filters)})")
+    return f"ResUNet base {s.base_filters} depth {s.depth}"
+
+
+def build_segmenter(s: SegmenterConfig) -> keras.Model:
+    """The untrained segmenter that `segmenter.encoder` names (`SEGMENTER_BUILDERS`)."""
+    return SEGMENTER_BUILDERS[s.encoder](s)
 
 
 def segmenter_positions(cfg: Config, data: TrainingData) -> tuple:
@@ -116,9 +138,9 @@ def train_segmenter(
             steps = max(1, math.ceil(len(data.tumor_positions(train_pos)) / s.batch_size))
         else:
             steps = max(1, math.ceil(len(train_pos) / s.batch_size))
-        steps = min(steps, s.steps_per_epoch) if s.steps_per_epoch else steps
+        steps = s.steps_per_epoch or steps  # an explicit count wins (quick runs: 2; cross-validation: more)
         with strategy.scope():
-            model = build_resunet(base_filters=s.base_filters, depth=s.depth)
+            model = build_segmenter(s)
             loss = get_loss(s.loss.name, **s.loss.kwargs)
             model.compile(
                 optimizer=make_optimizer(s.lr, t.lr_schedule, s.epochs, steps),
@@ -145,10 +167,8 @@ def train_segmenter(
             images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
             extra = [PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size)]
         log.info(
-            "segmenter: ResUNet base %d depth %d on %d train / %d val slices (%s), loss %s, %d steps/epoch, "
-            "selection by %s",
-            s.base_filters,
-            s.depth,
+            "segmenter: %s on %d train / %d val slices (%s), loss %s, %d steps/epoch, selection by %s",
+            describe(s),
             len(train_pos),
             len(val_pos),
             s.train_on,
@@ -181,6 +201,7 @@ def train_segmenter(
     with strategy.scope():
         model = load_model(stage_dir / "best.keras")
     info = {
+        "design": describe(s),
         "train_on": s.train_on,
         "crop_mix": {"tumor": s.crop_mix.tumor, "random": s.crop_mix.random, "empty": s.crop_mix.empty},
         "loss": s.loss.name,
