@@ -1,0 +1,69 @@
+"""Ensembles of segmenters: one model whose output is the mean of its members', on both backends."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.inference.image_loading import load_slice
+from pipeline.inference.tumor_pipeline import TumorPipeline
+from pipeline.models import model_io
+from pipeline.models.ensemble import build_ensemble, ensemble_members
+from tests.inference_helpers import slice_images
+from tests.model_helpers import make_tiny_classifier, make_tiny_segmenter
+
+
+@pytest.fixture(scope="module")
+def members() -> list[keras.Model]:
+    out = []
+    for seed in (3, 4):
+        keras.utils.set_random_seed(seed)
+        out.append(make_tiny_segmenter())
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root) -> list[np.ndarray]:
+    return [load_slice(p) for p in slice_images(synthetic_root)[:12]]
+
+
+def _member_mean(members, images) -> np.ndarray:
+    x = np.stack(images).astype("float32")
+    return np.mean([np.asarray(m(x, training=False))[..., 0] for m in members], axis=0)
+
+
+def test_the_ensemble_outputs_the_mean_of_its_members(members, images):
+    ensemble = build_ensemble(members)
+    assert len(ensemble_members(ensemble)) == 2 and ensemble_members(members[0]) == []
+    out = np.asarray(ensemble(np.stack(images).astype("float32"), training=False))[..., 0]
+    expected = _member_mean(members, images)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert not np.allclose(expected, np.asarray(members[0](np.stack(images).astype("float32")))[..., 0],
+                           atol=1e-3)  # the members differ, so the mean is not one of them
+
+
+def test_fewer_than_two_members_are_refused(members):
+    with pytest.raises(ValueError, match="at least 2"):
+        build_ensemble(members[:1])
+
+
+@pytest.fixture(scope="module")
+def ensemble_pair(members, tmp_path_factory):
+    keras.utils.set_random_seed(2)
+    directory = tmp_path_factory.mktemp("ensemble_pair")
+    record = {"threshold": 0.5, "segmenter_tile_size": 64, "policy": "float32", "backbone_weights": "none",
+              "tiny_test_pair": True}
+    return model_io.save_pair(directory, make_tiny_classifier(), build_ensemble(members), record)
+
+
+@pytest.mark.parametrize("backend", ["keras", "openvino"])
+def test_an_ensemble_pair_gives_the_mean_of_its_members_on_each_backend(ensemble_pair, members, images,
+                                                                       backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    pipe = TumorPipeline.from_dir(ensemble_pair, backend=backend, batch_size=4)
+    maps = np.stack(pipe.segment_probabilities(images))
+    np.testing.assert_allclose(maps, _member_mean(members, images), atol=1e-4 if backend == "keras" else 1e-2)
+    # the pair's sums cover the ensemble file: the members travel inside segmenter.keras
+    assert len(ensemble_members(model_io.load_pair(ensemble_pair).segmenter)) == 2
