@@ -35,7 +35,7 @@ def hardware(monkeypatch):
     [
         (True, set(), "mixed_float16"),
         (True, {"avx512_bf16"}, "mixed_float16"),  # a GPU wins over CPU bf16
-        (False, {"avx512_bf16", "avx2"}, "mixed_bfloat16"),
+        (False, {"avx512_bf16", "avx2"}, "float32"),  # native bf16 without AMX measured slower
         (False, {"amx_bf16"}, "mixed_bfloat16"),
         (False, {"avx2", "fma", "avx512f"}, "float32"),  # AVX-512 without BF16 only emulates bf16
         (False, set(), "float32"),
@@ -72,7 +72,7 @@ def test_cpu_flags_are_parsed_from_cpuinfo(tmp_path):
 
 
 def test_apply_policy_sets_the_global_policy(restore_policy, hardware):
-    hardware.flags = {"avx512_bf16"}
+    hardware.flags = {"avx512_bf16", "amx_bf16"}
     assert precision.apply_policy("auto") == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert precision.apply_policy("float32") == "float32"

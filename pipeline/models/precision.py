@@ -2,9 +2,11 @@
 
 `auto` picks the fastest policy the hardware runs natively:
 
-* a visible GPU                                   -> ``mixed_float16`` (tensor cores)
-* a CPU advertising ``avx512_bf16`` or ``amx_bf16`` -> ``mixed_bfloat16`` (native bf16 matmuls)
-* anything else                                   -> ``float32`` (bf16 would only be emulated)
+* a visible GPU                        -> ``mixed_float16`` (tensor cores)
+* a CPU advertising ``amx_bf16``         -> ``mixed_bfloat16`` (AMX tiles: measured on a 2-core Xeon,
+  the ResNet50-encoder U-Net trains at 13.5 img/s in bf16 against 8.0 in float32)
+* anything else                          -> ``float32``. That includes AVX512-BF16 without AMX:
+  there bf16 was measured slower (the ResUNet trained at 14.3 img/s against 20.2 in float32)
 
 Under a mixed policy layers compute in 16 bits and keep float32 variables. The models keep
 their first layer (normalisation) and their sigmoid output layers in float32, and the
@@ -24,6 +26,7 @@ AUTO = "auto"
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 VALID_NAMES = (AUTO, *POLICIES)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+FAST_BF16_CPU_FLAGS = ("amx_bf16",)  # where `auto` picks mixed_bfloat16 (module docstring)
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -66,7 +69,7 @@ def resolve_policy(name: str = AUTO) -> str:
         return key
     if gpu_available():
         return "mixed_float16"
-    if cpu_supports_bfloat16():
+    if cpu_flags() & set(FAST_BF16_CPU_FLAGS):
         return "mixed_bfloat16"
     return "float32"
 
