@@ -151,3 +151,25 @@ def test_cv_command_pairs_each_variant_against_the_baseline(tmp_path, capsys):
     paired = result["paired"][str(b)]["scores"]["e2e_dice"]
     assert paired["mean_diff"] == pytest.approx(0.2 / 3) and (paired["better"], paired["equal"]) == (2, 1)
     assert main(["cv", str(tmp_path / "missing")]) == 2
+
+
+def test_the_pooled_calibration_grid_weights_each_fold_by_its_patients(tmp_path):
+    from pipeline.evaluation.cross_validation import pooled_grid
+    from pipeline.training.calibration import choose_point
+
+    variant = tmp_path / "variant"
+    _fake_fold(variant, 0, ["A", "B", "C"], [0.9, 0.8, 0.7], [0.5], [True] * 3)
+    _fake_fold(variant, 1, ["D"], [0.5], [0.5], [True])
+    point = {"neighbour_weight": 0.0, "min_component_px": 0, "fp_px": 10.0, "fn_px": 5.0, "flagged_slices": 2}
+    grids = {0: [(np.nan, 0, 0.60), (0.3, 0, 0.80), (0.5, 0, 0.70), (0.5, 100, 0.75)],
+             1: [(np.nan, 0, 0.40), (0.3, 0, 0.20), (0.5, 0, 0.90), (0.7, 0, 0.99)]}  # (0.7) only in fold 1
+    for k, rows in grids.items():
+        table = [{**point, "threshold": t, "min_volume_px": v, "mean_patient_dice": d} for t, v, d in rows]
+        pd.DataFrame(table).to_csv(variant / f"fold{k}" / "calibration_grid.csv", index=False)
+    pooled = pooled_grid(variant)
+    assert len(pooled) == 3 and set(pooled["n_patients"]) == {4}  # the two shared points and segmenter alone
+    at = pooled.set_index(pooled["threshold"].fillna(-1))["mean_patient_dice"]
+    assert at[0.3] == pytest.approx((3 * 0.8 + 0.2) / 4) and at[0.5] == pytest.approx((3 * 0.7 + 0.9) / 4)
+    assert at[-1] == pytest.approx((3 * 0.6 + 0.4) / 4)
+    assert pooled["fp_px"].iloc[0] == 20.0
+    assert choose_point(pooled)["threshold"] == 0.5  # 0.75 beats 0.65; fold 1's lone 0.99 does not count

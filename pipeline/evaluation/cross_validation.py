@@ -25,8 +25,9 @@ from pipeline import metrics
 from pipeline.errors import DataError
 from pipeline.evaluation.compare import error_counts
 from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.training.calibration import choose_point
 
-__all__ = ["fold_dirs", "pool_folds", "epoch_curve", "summarize_pooled"]
+__all__ = ["fold_dirs", "pool_folds", "epoch_curve", "pooled_grid", "summarize_pooled"]
 
 EVAL_SUBDIR = Path("evaluation") / "val"
 POOLED_DIR = "oof"
@@ -98,6 +99,34 @@ def epoch_curve(variant: str | os.PathLike, monitor: str = "val_patient_dice") -
     return table
 
 
+GRID_KEYS = ["threshold", "neighbour_weight", "min_component_px", "min_volume_px"]
+
+
+def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
+    """The folds' calibration grids (``foldK/calibration_grid.csv``) pooled over all their patients.
+
+    ``mean_patient_dice`` becomes the mean over every fold's validation patients (each fold's
+    mean weighted by its patients), the pixel and slice counts are summed. Only grid points
+    that every fold searched are kept. The gate's rows use the pair's classifier: where that
+    classifier was trained on some of these patients, choose the gate elsewhere and read only
+    the segmenter's post-processing off this grid.
+    """
+    grids = []
+    for fold in fold_dirs(variant):
+        grid = pd.read_csv(fold / "calibration_grid.csv")
+        splits = pd.read_csv(fold / "splits.csv")
+        grids.append(grid.assign(_n=int((splits["split"] == "val").sum())))
+    table = pd.concat(grids, ignore_index=True)
+    table["_weighted"] = table["mean_patient_dice"] * table["_n"]
+    groups = table.groupby(GRID_KEYS, sort=False, dropna=False)  # NaN threshold: the segmenter alone
+    pooled = groups[["_n"]].sum().reset_index()[GRID_KEYS]
+    for column in ("_weighted", "_n", "fp_px", "fn_px", "flagged_slices"):
+        pooled[column] = groups[column].sum().to_numpy()
+    pooled = pooled[groups.size().to_numpy() == len(grids)].copy()
+    pooled["mean_patient_dice"] = pooled["_weighted"] / pooled["_n"]
+    return pooled.drop(columns=["_weighted"]).rename(columns={"_n": "n_patients"}).reset_index(drop=True)
+
+
 def summarize_pooled(pooled_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Mean per-patient Dice (end to end, segmenter alone) with bootstrap intervals and error counts.
 
@@ -146,6 +175,12 @@ def write_summary(variant: str | os.PathLike, n_boot: int = 2000) -> dict[str, A
     with atomic_write(pooled / "epochs.csv", "w", encoding="utf-8", newline="") as fh:
         curve.to_csv(fh, index=False)
     summary["epoch_curve"] = "epochs.csv"
+    if all((fold / "calibration_grid.csv").is_file() for fold in fold_dirs(variant)):
+        grid = pooled_grid(variant)
+        with atomic_write(pooled / "calibration_grid.csv", "w", encoding="utf-8", newline="") as fh:
+            grid.to_csv(fh, index=False)
+        best = choose_point(grid)
+        summary["pooled_operating_point"] = {k: float(best[k]) for k in (*GRID_KEYS, "mean_patient_dice")}
     atomic_write_json(pooled / "summary.json", summary)
     summary["_curve"] = curve
     return summary
