@@ -8,10 +8,11 @@ import pytest
 from pipeline.evaluation.predictions import run_pipeline, run_segmenter
 from pipeline.postprocessing import (
     PostprocessParams,
+    clean_volume,
     gate,
     neighbour_probabilities,
-    postprocess_volume,
     remove_small_volumes,
+    volume_gate,
     volume_spans,
 )
 from pipeline.training.calibration import calibrate_from_predictions, volume_grid
@@ -67,7 +68,8 @@ def test_the_volume_aware_gate_lowers_the_bar_next_to_a_confident_slice():
     np.testing.assert_allclose(neighbour_probabilities(p, 0.5), [0.15, 0.475, 0.95, 0.475, 0.1])
     params = PostprocessParams(threshold=0.45, neighbour_weight=0.5)
     masks = np.ones((5, 2, 2), np.uint8)
-    scores, flagged, out = postprocess_volume(p, masks, params)
+    scores, flagged = volume_gate(p, params)
+    out = clean_volume(masks, flagged, params)
     assert flagged.tolist() == [False, True, True, True, False]
     assert out.sum(axis=(1, 2)).tolist() == [0, 4, 4, 4, 0]
 

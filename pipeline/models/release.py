@@ -42,26 +42,26 @@ import h5py
 import keras
 import numpy as np
 
+from pipeline.data.splits import SPLITS_FILE
+from pipeline.data.synthetic_slices import probe_batch
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write, atomic_write_bytes
-from pipeline.models.model_io import (
+from pipeline.io_utils import atomic_write_bytes, sha256_of
+from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL, mask_agreement
+from pipeline.models.model_io import load_model, load_pair, save_model, versions
+from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     META_FILE,
+    MODEL_FILES,
     SEGMENTER_FILE,
-    load_model,
-    load_pair,
+    SUMS_FILE,
     read_pair_meta,
-    save_model,
-    sha256_of,
-    versions,
+    read_sums,
+    write_pair_meta,
+    write_sums,
 )
-from pipeline.models.pair_artifact import write_pair_meta
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import MODELS_DIR, PROJECT_ROOT
 
-DEFAULT_RELEASE_DIR = PROJECT_ROOT / "models"
-SPLITS_FILE = "splits.csv"
-SUMS_FILE = "SHA256SUMS"
-MODEL_FILES = (CLASSIFIER_FILE, SEGMENTER_FILE)
+DEFAULT_RELEASE_DIR = MODELS_DIR
 WEIGHTS_DTYPES = ("float16", "float32")
 MAX_TOTAL_BYTES = 100_000_000  # both model files together (100 MB, below GitHub's 100 MiB file limit)
 WEIGHTS_ENTRY = "model.weights.h5"  # the weights inside a .keras archive (a zip)
@@ -80,10 +80,10 @@ class Tolerance:
     min_mask_agreement: smallest allowed fraction of pixels whose binary mask (`> mask_threshold`) agrees.
     """
 
-    classifier_max_abs: float = 1e-2
+    classifier_max_abs: float = PROBABILITY_TOL
     segmenter_max_abs: float = 2e-2
-    min_mask_agreement: float = 0.995
-    mask_threshold: float = 0.5
+    min_mask_agreement: float = MASK_AGREEMENT
+    mask_threshold: float = MASK_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -93,37 +93,6 @@ class ProbeSpec:
     n: int = 8
     size: int = 256
     seed: int = 0
-
-
-def probe_batch(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
-    """Deterministic synthetic MRI-like slices -> uint8 (n, size, size, 3), file channel order.
-
-    Each slice is a noisy head disc (per-channel grey levels near those of the LGG FLAIR
-    series); every other slice carries a FLAIR-bright ellipse (a "tumour") of varying size.
-    Contrast varies from slice to slice so the models' outputs are spread out rather than all
-    in one saturated corner.
-    """
-    if n < 1 or size < 8:
-        raise ValueError(f"probe batch needs n >= 1 and size >= 8, got n={n}, size={size}")
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    images = np.zeros((n, size, size, 3), np.uint8)
-    for i in range(n):
-        c = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
-        radius = rng.uniform(0.3, 0.45) * size
-        head = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2) < radius**2
-        scale = rng.uniform(0.6, 1.4)
-        image = np.zeros((size, size, 3), np.float32)
-        for ch, level in enumerate((70.0, 90.0, 80.0)):
-            image[..., ch] = head * (scale * level + rng.normal(0, 8, (size, size)))
-        if i % 2 == 1:
-            cy, cx = c + rng.uniform(-0.15, 0.15, 2) * size
-            ry, rx = rng.uniform(0.04, 0.15, 2) * size
-            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-            image[blob, 1] += rng.uniform(60, 130)  # FLAIR hyperintensity
-            image[blob, 2] += rng.uniform(10, 50)
-        images[i] = np.clip(image, 0, 255).astype(np.uint8)
-    return images
 
 
 # ---------------------------------------------------------------------------- float32 models
@@ -244,7 +213,7 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int = 4) -> np.
 
 
 def compare_models(reference: tuple[keras.Model, keras.Model], candidate: tuple[keras.Model, keras.Model],
-                   probe: np.ndarray, mask_threshold: float = 0.5) -> dict[str, float]:
+                   probe: np.ndarray, mask_threshold: float = MASK_PROBABILITY) -> dict[str, float]:
     """Outputs of two (classifier, segmenter) pairs on `probe` uint8 (N, H, W, 3) -> drift numbers.
 
     Returns `classifier_max_abs_diff`, `segmenter_max_abs_diff` (probabilities) and
@@ -252,7 +221,7 @@ def compare_models(reference: tuple[keras.Model, keras.Model], candidate: tuple[
     """
     cls_ref, cls_new = _predict(reference[0], probe), _predict(candidate[0], probe)
     seg_ref, seg_new = _predict(reference[1], probe), _predict(candidate[1], probe)
-    agreement = np.mean((seg_ref > mask_threshold) == (seg_new > mask_threshold))
+    agreement = mask_agreement(seg_ref, seg_new, mask_threshold)
     return {
         "classifier_max_abs_diff": float(np.max(np.abs(cls_ref - cls_new))),
         "segmenter_max_abs_diff": float(np.max(np.abs(seg_ref - seg_new))),
@@ -295,11 +264,6 @@ def _check_size(paths: list[Path], max_total_bytes: int) -> None:
                         f"for the model files together ({listed})", files=list(sizes))
 
 
-def sums_text(directory: str | os.PathLike, names: list[str]) -> str:
-    """`sha256sum` output (`<hex>  <name>` lines) for the files `names` in `directory`."""
-    return "".join(f"{sha256_of(Path(directory) / name)}  {name}\n" for name in names)
-
-
 def verify_release(directory: str | os.PathLike) -> dict[str, str]:
     """Check every file of a release against `SHA256SUMS` and the `sha256` entries of `pipeline.json`.
 
@@ -309,12 +273,7 @@ def verify_release(directory: str | os.PathLike) -> dict[str, str]:
     sums_path = directory / SUMS_FILE
     if not sums_path.is_file():
         raise DataError(f"not a release: {SUMS_FILE} is missing", files=[sums_path])
-    expected: dict[str, str] = {}
-    for line in sums_path.read_text(encoding="utf-8").splitlines():
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise DataError(f"malformed line in {SUMS_FILE}: {line!r}", files=[sums_path])
-        expected[name.lstrip("*")] = digest
+    expected = read_sums(sums_path)
     for name, digest in read_pair_meta(directory).sha256.items():
         if expected.get(name, digest) != digest:
             raise DataError(f"{SUMS_FILE} and {META_FILE} record different sha256 for {name}",
@@ -453,8 +412,7 @@ def export_release(
         for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
             os.replace(staging / name, out_dir / name)
         listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
-        with atomic_write(out_dir / SUMS_FILE, "w", encoding="utf-8") as fh:
-            fh.write(sums_text(out_dir, listed))
+        write_sums(out_dir, listed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

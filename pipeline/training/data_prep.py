@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.data.array_cache import load_arrays
 from pipeline.data.index import index_dataset, summarize
-from pipeline.data.splits import assert_no_leakage, ensure_splits, positions_for_split
+from pipeline.data.splits import SPLITS_FILE, assert_no_leakage, ensure_splits, positions_for_split
 from pipeline.errors import DataError
 from pipeline.paths import resolve_cache_dir, resolve_data_dir
 from pipeline.training.config import DataConfig, project_path
@@ -118,9 +118,9 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
 
 
 def copy_splits(data: TrainingData, run_dir: Path) -> Path:
-    """Copy the split file into the run directory (`splits.csv`) so the run is self-describing."""
-    dest = Path(run_dir) / "splits.csv"
-    tmp = dest.with_name(".splits.csv.tmp")
+    """Copy the split file into the run directory (`SPLITS_FILE`) so the run is self-describing."""
+    dest = Path(run_dir) / SPLITS_FILE
+    tmp = dest.with_name(f".{SPLITS_FILE}.tmp")
     shutil.copyfile(data.splits_path, tmp)
     tmp.replace(dest)
     return dest

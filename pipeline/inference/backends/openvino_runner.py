@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inference.backends import AUTO, PRECISIONS, BackendError
-from pipeline.inference.backends.agreement import PROBABILITY_TOL, check_agreement, probe_batch
+from pipeline.inference.backends.base import AUTO, OPENVINO, PRECISIONS, BackendError
 from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
+from pipeline.models.agreement import PROBABILITY_TOL, check_agreement, model_probe
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class OpenVINORunner:
     `precision` reports instead of the hint (`int8` for a quantized IR).
     """
 
-    name = "openvino"
+    name = OPENVINO
     pads_batches = False  # any batch length: one static shape per part size, compiled once
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32",
@@ -198,7 +198,7 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     elif has_amx():
         chosen, record["reason"] = "bf16", "AMX"
     else:
-        x = probe_batch(model)
+        x = model_probe(model)
         rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
         chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
         record["slices_per_s"] = {p: round(r, 1) for p, r in rates.items()}
