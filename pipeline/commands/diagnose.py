@@ -152,8 +152,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `lgg-diagnose`: the `diagnose` sub-command on its own."""
+    from pipeline.quiet import VERBOSE_HELP, quiet_frameworks
+
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_frameworks(verbose="--verbose" in argv)
     parser = argparse.ArgumentParser(prog="lgg-diagnose", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return run(parser.parse_args(argv))
 
 
