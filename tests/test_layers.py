@@ -29,7 +29,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli", "pipeline.__main__"),
 )
 MAX_FUNCTION_LINES = 80
-LONG_FUNCTIONS_ALLOWED = ("inference/diagnose.py",)  # taken apart by the issue "Past one machine"
+LONG_FUNCTIONS_ALLOWED = (
+    "inference/diagnose.py",  # taken apart by the issue "Past one machine"
+    "training/segmenter_training.py",  # being rewritten for the second segmenter design (train_segmenter)
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -228,8 +228,6 @@ def evaluate(
     Returns the `EvaluationResult` with the paths written under `out_dir` (default
     `<run or models dir>/evaluation/<split>/`).
     """
-    from pipeline.data.array_cache import load_arrays
-    from pipeline.data.index import index_dataset
     from pipeline.inference.tumor_pipeline import TumorPipeline
     from pipeline.models.pair_artifact import read_pair_meta
     from pipeline.paths import resolve_cache_dir, resolve_data_dir
@@ -240,9 +238,54 @@ def evaluate(
     artifact = read_pair_meta(source.pair_dir, allow_unverified=allow_unverified)  # fail fast
     splits_path = pair_splits_file(splits, source, default_models) if split != ALL else None
     root = resolve_data_dir(data_dir)
-    cache = resolve_cache_dir(cache_dir)
-
     require_split_file(split, splits_path)  # before indexing: fail fast
+    data = _patients(root, resolve_cache_dir(cache_dir), split, splits_path, skip_bad, progress)
+
+    # The product's own loader: the operating point comes from the validated pipeline.json.
+    pipeline = TumorPipeline.from_dir(
+        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size,
+        backend=backend, precision=precision,
+    )
+    provenance = {
+        "models_dir": str(source.pair_dir),
+        "run_dir": str(source.run_dir) if source.run_dir else None,
+        "model_files_sha256": model_files_provenance(source.pair_dir, artifact),
+        "data_root": str(root),
+        "split": split,
+        "split_file": str(splits_path) if splits_path else None,
+        "split_patients_missing_from_data": data.missing,
+        **_run_provenance(data.rows, pipeline, artifact, threshold_given=threshold is not None),
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, split)
+    log.info("evaluating %s on %d slices of %d patients -> %s", source.pair_dir, len(data.rows),
+             provenance["n_patients"], out)
+    return evaluate_pipeline(
+        pipeline, pipeline.segment_only, data.rows, data.images, data.masks, out,
+        threshold=pipeline.point.threshold, batch_size=batch_size, n_boot=n_boot, seed=seed,
+        provenance=provenance, progress=progress, volume_ids=data.rows["case"].to_numpy(),
+        min_volume_px=pipeline.point.min_volume_px,
+    )
+
+
+@dataclass
+class _Patients:
+    """The slices of the patients evaluated: index rows, images, masks (aligned), and the split's
+    patients missing from the data root."""
+
+    rows: pd.DataFrame
+    images: np.ndarray
+    masks: np.ndarray
+    missing: list[str]
+
+
+def _patients(root: Path, cache: Path, split: str, splits_path: Path | None, skip_bad: bool,
+              progress: bool) -> _Patients:
+    """Index `root`, pick the rows of `split` and decode them (the array cache)."""
+    from pipeline.data.array_cache import load_arrays
+    from pipeline.data.index import index_dataset
+
     index_df = index_dataset(root, cache_dir=cache, skip_bad=skip_bad, progress=progress)
     positions = select_positions(index_df, split, splits_path)
     missing = _split_patients_missing(index_df, split, splits_path)
@@ -251,32 +294,20 @@ def evaluate(
     arrays = load_arrays(index_df, cache, progress=progress)
     rows = index_df.iloc[positions].reset_index(drop=True)
     if len(positions) == len(index_df):
-        images, masks = arrays.images, arrays.masks  # every row: keep the memmaps, no copy
-    else:
-        images, masks = np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions])
+        return _Patients(rows, arrays.images, arrays.masks, missing)  # every row: the memmaps, no copy
+    return _Patients(rows, np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions]), missing)
 
-    # The product's own loader: the operating point comes from the validated pipeline.json.
-    pipeline = TumorPipeline.from_dir(
-        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size,
-        backend=backend, precision=precision,
-    )
-    point = pipeline.point.to_json()  # the operating point applied, whole
-    chosen = point.pop("threshold")
-    provenance = {
-        "models_dir": str(source.pair_dir),
-        "run_dir": str(source.run_dir) if source.run_dir else None,
-        "model_files_sha256": model_files_provenance(source.pair_dir, artifact),
-        "data_root": str(root),
-        "split": split,
-        "split_file": str(splits_path) if splits_path else None,
-        "split_patients_missing_from_data": missing,
+
+def _run_provenance(rows: pd.DataFrame, pipeline: Any, artifact: Any, *, threshold_given: bool) -> dict:
+    """The provenance of what ran: counts, the operating point applied (whole), tile size, backend,
+    the backbone and the models' dates, the date and version."""
+    point = pipeline.point.to_json()
+    return {
         "n_patients": int(rows["patient_id"].nunique()),
         "n_slices": int(len(rows)),
         "n_tumor_slices": int(rows["has_tumor"].sum()),
-        "threshold": chosen,
-        "threshold_source": (
-            "--threshold" if threshold is not None else "pipeline.json (written by make train)"
-        ),
+        "threshold": point.pop("threshold"),
+        "threshold_source": "--threshold" if threshold_given else "pipeline.json (written by make train)",
         **point,
         "volume_route": "per patient study (predict_volume: volume-aware gate, 3D components)",
         "tile_size": pipeline.tile_size,
@@ -291,30 +322,4 @@ def evaluate(
         "models_created": artifact.extra.get("created"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pipeline_version": __version__,
-        "n_boot": n_boot,
-        "seed": seed,
     }
-    out = Path(out_dir) if out_dir is not None else default_out_dir(source, split)
-    log.info(
-        "evaluating %s on %d slices of %d patients -> %s",
-        source.pair_dir,
-        len(rows),
-        provenance["n_patients"],
-        out,
-    )
-    return evaluate_pipeline(
-        pipeline,
-        pipeline.segment_only,
-        rows,
-        images,
-        masks,
-        out,
-        threshold=chosen,
-        batch_size=batch_size,
-        n_boot=n_boot,
-        seed=seed,
-        provenance=provenance,
-        progress=progress,
-        volume_ids=rows["case"].to_numpy(),
-        min_volume_px=pipeline.point.min_volume_px,
-    )

@@ -305,6 +305,83 @@ def _existing_release(out_dir: Path) -> list[Path]:
     return [out_dir / n for n in (*MODEL_FILES, META_FILE, SUMS_FILE) if (out_dir / n).exists()]
 
 
+def _check_export_arguments(dtypes: dict[str, str], probe_images: np.ndarray | None, run_dir: Path,
+                            out_dir: Path, force: bool) -> np.ndarray | None:
+    """The checks `export_release` makes before touching anything; returns `probe_images` as an array."""
+    for dtype in dtypes.values():
+        if dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"unknown weights dtype {dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
+    if probe_images is not None:
+        probe_images = np.asarray(probe_images)
+        if probe_images.ndim != 4 or probe_images.shape[-1] != 3:
+            raise ValueError(f"probe_images must be (N, H, W, 3), got shape {probe_images.shape}")
+    if run_dir == out_dir:
+        raise ValueError(f"the release directory must differ from the run directory: {run_dir}")
+    splits_src = run_dir / SPLITS_FILE
+    if not splits_src.is_file():
+        raise DataError("the run has no split file to release with the models", files=[splits_src])
+    existing = _existing_release(out_dir)
+    if existing and not force:
+        raise FileExistsError(f"{out_dir} already holds a release ({', '.join(p.name for p in existing)}); "
+                              "pass force=True (--force) to replace it")
+    splits_dst = out_dir / SPLITS_FILE
+    if splits_dst.is_file() and not force and sha256_of(splits_dst) != sha256_of(splits_src):
+        raise FileExistsError(f"{splits_dst} differs from the run's split {splits_src}; "
+                              "pass force=True (--force) to replace it with the run's")
+    return probe_images
+
+
+def _stage(staging: Path, reference: tuple[keras.Model, keras.Model], dtypes: dict[str, str],
+           splits_src: Path, max_total_bytes: int) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """Write the release's model files (weights stored as `dtypes`) and split file into `staging`,
+    check their size -> (storage counts per model file, sha256 of every file)."""
+    storage: dict[str, dict[str, int]] = {}
+    for name, model in zip(MODEL_FILES, reference, strict=True):
+        save_model(model, staging / name)
+        storage[name] = store_weights_as(staging / name, dtypes[name])
+    _check_size([staging / n for n in MODEL_FILES], max_total_bytes)
+    shutil.copyfile(splits_src, staging / SPLITS_FILE)
+    return storage, {n: sha256_of(staging / n) for n in (*MODEL_FILES, SPLITS_FILE)}
+
+
+def _measure_staged(staging: Path, hashes: dict[str, str], reference: tuple[keras.Model, keras.Model],
+                    batches: list[np.ndarray], tolerance: Tolerance) -> dict[str, float]:
+    """Load the staged model files the way every user will (`load_model`, sha256 checked), check
+    they compute in float32, and measure their drift from `reference` on every probe batch."""
+    released = tuple(load_model(staging / n, hashes[n]) for n in MODEL_FILES)
+    for name, model in zip(MODEL_FILES, released, strict=True):
+        wrong = sorted({v.dtype for v in model.weights if "float" in v.dtype} - {"float32"})
+        if wrong:
+            raise DataError(f"the released model loads with {wrong} variables, not float32",
+                            files=[staging / name])
+    return _worst([compare_models(reference, released, images, tolerance.mask_threshold)
+                   for images in batches])
+
+
+def _measured_record(measured: dict[str, float], tolerance: Tolerance, probe: ProbeSpec,
+                     probe_images: np.ndarray | None) -> dict[str, Any]:
+    """The drift numbers of the release section of `pipeline.json`, with what they were measured on."""
+    return {
+        "max_abs_diff": {"classifier": measured["classifier_max_abs_diff"],
+                         "segmenter": measured["segmenter_max_abs_diff"]},
+        "mask_agreement": measured["mask_agreement"],
+        "tolerance": asdict(tolerance),
+        "probe": {**asdict(probe), "extra_images": 0 if probe_images is None else len(probe_images)},
+    }
+
+
+def _swap_in(staging: Path, out_dir: Path) -> list[str]:
+    """Move the staged release into `out_dir`: the stale marker goes first, pipeline.json and
+    SHA256SUMS come last. Returns the files SHA256SUMS lists."""
+    for name in (META_FILE, SUMS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
+        os.replace(staging / name, out_dir / name)
+    listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
+    write_sums(out_dir, listed)
+    return listed
+
+
 def export_release(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike = DEFAULT_RELEASE_DIR,
@@ -337,27 +414,9 @@ def export_release(
     is unchanged in both cases.
     """
     dtypes = {CLASSIFIER_FILE: weights_dtype, SEGMENTER_FILE: segmenter_weights_dtype or weights_dtype}
-    for dtype in dtypes.values():
-        if dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"unknown weights dtype {dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
-    if probe_images is not None:
-        probe_images = np.asarray(probe_images)
-        if probe_images.ndim != 4 or probe_images.shape[-1] != 3:
-            raise ValueError(f"probe_images must be (N, H, W, 3), got shape {probe_images.shape}")
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
-    if run_dir == out_dir:
-        raise ValueError(f"the release directory must differ from the run directory: {run_dir}")
+    probe_images = _check_export_arguments(dtypes, probe_images, run_dir, out_dir, force)
     splits_src = run_dir / SPLITS_FILE
-    if not splits_src.is_file():
-        raise DataError("the run has no split file to release with the models", files=[splits_src])
-    existing = _existing_release(out_dir)
-    if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds a release ({', '.join(p.name for p in existing)}); "
-                              "pass force=True (--force) to replace it")
-    splits_dst = out_dir / SPLITS_FILE
-    if splits_dst.is_file() and not force and sha256_of(splits_dst) != sha256_of(splits_src):
-        raise FileExistsError(f"{splits_dst} differs from the run's split {splits_src}; "
-                              "pass force=True (--force) to replace it with the run's")
 
     source = load_pair(run_dir)  # verifies the run's files against their recorded sha256
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,26 +425,11 @@ def export_release(
         # The reference is the run's models computing in float32 (a mixed-precision run's models
         # rebuilt so): the check then measures what 16-bit storage changes and nothing else.
         reference = (as_float32_model(source.classifier), as_float32_model(source.segmenter))
-        storage: dict[str, dict[str, int]] = {}
-        for name, model in zip(MODEL_FILES, reference, strict=True):
-            save_model(model, staging / name)
-            storage[name] = store_weights_as(staging / name, dtypes[name])
-        _check_size([staging / n for n in MODEL_FILES], max_total_bytes)
-        shutil.copyfile(splits_src, staging / SPLITS_FILE)
-
-        hashes = {n: sha256_of(staging / n) for n in (*MODEL_FILES, SPLITS_FILE)}
-        # Load the staged files the way every user will (load_model, sha256 checked).
-        released = tuple(load_model(staging / n, hashes[n]) for n in MODEL_FILES)
-        for name, model in zip(MODEL_FILES, released, strict=True):
-            wrong = sorted({v.dtype for v in model.weights if "float" in v.dtype} - {"float32"})
-            if wrong:
-                raise DataError(f"the released model loads with {wrong} variables, not float32",
-                                files=[staging / name])
+        storage, hashes = _stage(staging, reference, dtypes, splits_src, max_total_bytes)
         batches = [probe_batch(probe.n, probe.size, probe.seed)]
         if probe_images is not None and len(probe_images):
             batches.append(probe_images)
-        measured = _worst([compare_models(reference, released, images, tolerance.mask_threshold)
-                           for images in batches])
+        measured = _measure_staged(staging, hashes, reference, batches, tolerance)
         _check_tolerance(measured, tolerance, [run_dir / n for n in MODEL_FILES])
 
         meta = dict(source.meta)
@@ -396,23 +440,12 @@ def export_release(
             "weights_dtype": weights_dtype if len(set(dtypes.values())) == 1 else dtypes,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "training_policy": source.meta.get("policy"),
-            "max_abs_diff": {"classifier": measured["classifier_max_abs_diff"],
-                             "segmenter": measured["segmenter_max_abs_diff"]},
-            "mask_agreement": measured["mask_agreement"],
-            "tolerance": asdict(tolerance),
-            "probe": {**asdict(probe), "extra_images": 0 if probe_images is None else len(probe_images)},
+            **_measured_record(measured, tolerance, probe, probe_images),
             "tensors_kept_float32": {n: s["kept_float32"] for n, s in storage.items()},
             "versions": versions(),
         }
         meta = write_pair_meta(staging, meta).to_dict()  # validated; paths relative to the project
-
-        # Swap in: the stale marker goes first, pipeline.json and SHA256SUMS come last.
-        for name in (META_FILE, SUMS_FILE):
-            (out_dir / name).unlink(missing_ok=True)
-        for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
-            os.replace(staging / name, out_dir / name)
-        listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
-        write_sums(out_dir, listed)
+        listed = _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
