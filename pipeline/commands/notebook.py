@@ -1,12 +1,14 @@
 """`notebook`: execute notebooks/exploration.ipynb on a real data root and keep its outputs.
 
     python -m pipeline notebook --data-dir ../shared/data/kaggle_3m [--models DIR | --run RUN]
+                                [--curves RUN]
 
 The notebook reads `LGG_DATA_DIR`, `LGG_MODELS_DIR`, `LGG_RUN_DIR` and `LGG_CACHE_DIR`; this
 command sets them from its flags (the pair as every command resolves it, `paths.resolve_pair`;
-the run's curves when the pair comes from a run), runs every cell in a fresh kernel of this interpreter and
-writes the executed notebook back atomically (or to `--out`), so it reads with its figures on
-a repository page. It refuses to write a notebook above `--max-mb` (figures are PNGs).
+the curves of `--curves`, else of the run the pair comes from), runs every cell in a fresh
+kernel of this interpreter and writes the executed notebook back atomically (or to `--out`), so
+it reads with its figures on a repository page. It refuses to write a notebook above `--max-mb`
+(figures are PNGs).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser, required=True)
     add_pair_arguments(parser, unverified=False)
+    parser.add_argument("--curves", metavar="RUN", default=None,
+                        help="training run whose curves are shown (default: the run the pair comes from, "
+                             "else the one its pipeline.json names)")
     parser.add_argument("--out", type=Path, default=NOTEBOOK,
                         help="the executed notebook's file (default: in place)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default: %(default)s)")
@@ -62,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     # absolute: the kernel runs in notebooks/, where a path relative to here means something else
     env = {"LGG_DATA_DIR": os.path.abspath(args.data_dir), "LGG_MODELS_DIR": os.path.abspath(source.pair_dir),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if source.run_dir:
-        env["LGG_RUN_DIR"] = os.path.abspath(source.run_dir)
+    curves = args.curves or source.run_dir
+    if curves:
+        env["LGG_RUN_DIR"] = os.path.abspath(curves)
     if args.cache_dir:
         env["LGG_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     os.environ.update(env)  # the kernel inherits this process's environment
