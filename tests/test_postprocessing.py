@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.evaluation.predictions import run_pipeline, run_segmenter
 from pipeline.postprocessing import (
-    PostprocessParams,
+    OperatingPoint,
     clean_volume,
     gate,
     neighbour_probabilities,
@@ -66,7 +66,7 @@ def test_the_volume_aware_gate_lowers_the_bar_next_to_a_confident_slice():
     p = np.array([0.1, 0.3, 0.95, 0.2, 0.05])
     np.testing.assert_allclose(neighbour_probabilities(p, 0.0), p)
     np.testing.assert_allclose(neighbour_probabilities(p, 0.5), [0.15, 0.475, 0.95, 0.475, 0.1])
-    params = PostprocessParams(threshold=0.45, neighbour_weight=0.5)
+    params = OperatingPoint(threshold=0.45, neighbour_weight=0.5)
     masks = np.ones((5, 2, 2), np.uint8)
     scores, flagged = volume_gate(p, params)
     out = clean_volume(masks, flagged, params)
@@ -78,7 +78,7 @@ def test_the_volume_aware_gate_lowers_the_bar_next_to_a_confident_slice():
                                  {"neighbour_weight": 1.5}])
 def test_params_reject_values_out_of_range(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        PostprocessParams(**bad)
+        OperatingPoint(**bad)
 
 
 def test_calibration_picks_the_3d_filter_that_removes_isolated_false_positives():

@@ -217,9 +217,9 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
 
     Exports the IR into the cache on first use, chooses the precision, and checks agreement with
     Keras once per precision (recorded in the manifest). `int8_xml`: the pair's INT8 IR of this
-    model (`backends.int8`, validated when it was made), used under `precision="auto"`. Raises
-    BackendError when the export fails or the float IR disagrees with Keras beyond the
-    tolerances of `agreement`.
+    model (`pair_artifact.int8_irs`; validated when `pipeline.quantization` made it), used under
+    `precision="auto"`. Raises BackendError when the export fails or the float IR disagrees with
+    Keras beyond the tolerances of `pipeline.models.agreement`.
     """
     key = sha256 or model_fingerprint(model)
     try:
@@ -228,7 +228,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
         raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
                            f"{type(exc).__name__}: {exc}") from exc
     if int8_xml is not None and precision == AUTO:
-        # Checked where it was made, on real validation slices (`backends.int8`); not on the
+        # Checked where it was made, on real validation slices (`pipeline.quantization`); not on the
         # synthetic probe, which lies outside the calibration statistics (INT8 drifts more there).
         return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8")
     chosen = choose_precision(entry, model, precision)
