@@ -40,8 +40,8 @@ def synthetic_slices(
 def probe_batch(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
     """Deterministic synthetic MRI-like slices -> uint8 (n, size, size, 3), file channel order.
 
-    The probe on which a model's other copy (the float16-stored release, an OpenVINO IR) is
-    compared with the model itself (`pipeline.models.agreement`). Each slice is a noisy head disc
+    The probe on which the float16-stored release is compared with the run's models
+    (`pipeline.models.release`). Each slice is a noisy head disc
     (per-channel grey levels near those of the LGG FLAIR series); every other slice carries a
     FLAIR-bright ellipse (a "tumour") of varying size. Contrast varies from slice to slice so the
     models' outputs are spread out rather than all in one saturated corner.

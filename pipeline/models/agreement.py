@@ -7,8 +7,13 @@ Used for every copy the pipeline runs instead of the trained model: an OpenVINO 
 * a map output (segmenter, (B, H, W, 1)): at least `MASK_AGREEMENT` of the pixels on the same
   side of `MASK_PROBABILITY` as Keras (the masks agree), whatever the probabilities' drift.
 
-Gate decisions then agree except for slices within `PROBABILITY_TOL` of the threshold. The probe
-is `pipeline.data.synthetic_slices.probe_batch`.
+Gate decisions then agree except for slices within `PROBABILITY_TOL` of the threshold.
+
+The probes: the backend check runs on `model_probe` (`synthetic_slices`, seed 7, half with
+tumour: the images the IR cache manifests' records and the `auto` precision choices were made
+on; `probe_batch`'s images would change that choice on some CPUs, e.g. bf16 instead of f32 for
+the release classifier on an AMX Xeon); the release check on `synthetic_slices.probe_batch`
+(contrast varied per slice), whose numbers the release's `pipeline.json` records.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ PROBE_SEED = 7
 
 
 def model_probe(model: Any, n: int = PROBE_SLICES, size: int = 256) -> np.ndarray:
-    """float32 (n, H, W, 3) `probe_batch` slices at the model's input size (`size` if free)."""
-    from pipeline.data.synthetic_slices import probe_batch
+    """float32 (n, H, W, 3) brain-like synthetic slices at the model's input size (`size` if free)."""
+    from pipeline.data.synthetic_slices import synthetic_slices
 
     shape = tuple(getattr(model, "input_shape", (None, None, None, 3)))
     height = shape[1] or size
     width = shape[2] or size
-    slices = probe_batch(n, max(height, width), seed=PROBE_SEED)
-    return slices[:, :height, :width].astype(np.float32)
+    slices, _ = synthetic_slices(n, max(height, width), seed=PROBE_SEED, tumour_share=0.5)
+    return np.stack(slices)[:, :height, :width].astype(np.float32)
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
