@@ -15,7 +15,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the `quantize` sub-command."""
     from pipeline.commands.arguments import add_data_arguments, add_pair_arguments
-    from pipeline.quantization.int8 import DEFAULT_CALIBRATION_SLICES, MAX_DROP
+    from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP
 
     add_pair_arguments(parser, unverified=False)
     add_data_arguments(parser)

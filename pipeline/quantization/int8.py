@@ -28,13 +28,12 @@ from pipeline.inference.backends.base import OPENVINO
 from pipeline.io_utils import sha256_of
 from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL
 from pipeline.models.pair_artifact import INT8_DIR, INT8_KEY
+from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MAX_DROP", "VARIANTS", "calibration_slices", "decide", "quantize_ir", "quantize_pair"]
 
-MAX_DROP = 0.005
-DEFAULT_CALIBRATION_SLICES = 300
 
 
 def calibration_slices(images: np.ndarray, has_tumour: np.ndarray, n: int = DEFAULT_CALIBRATION_SLICES,

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO",
-    "BACKENDS",
     "KERAS",
     "OPENVINO",
     "PRECISIONS",
@@ -99,8 +98,6 @@ def _openvino_runner(model: Any, *, sha256: str | None = None, precision: str = 
 
 register_backend(Backend(KERAS, _keras_runner, lambda: True))
 register_backend(Backend(OPENVINO, _openvino_runner, openvino_available, takes_int8=True))
-
-BACKENDS = tuple(REGISTRY)  # the concrete backends ("keras", "openvino")
 
 
 def choices() -> tuple[str, ...]:
