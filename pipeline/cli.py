@@ -1,10 +1,16 @@
-"""Command-line entry point: a thin argparse layer over the `pipeline.commands` modules."""
+"""Command-line entry point: a thin argparse layer over the `pipeline.commands` modules.
+
+Every command is quiet by default (`pipeline.quiet`: no TensorFlow start-up chatter); `--verbose`
+keeps the frameworks' own logging.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from pipeline.quiet import VERBOSE_HELP, quiet_frameworks
 
 # name -> (module under pipeline.commands, one-line help). Modules are imported lazily so
 # `--help` and light commands do not pay TensorFlow's start-up cost.
@@ -16,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
     "compare": ("compare", "Paired per-patient comparison of two evaluation folders."),
     "cv": ("cv", "Pooled out-of-fold results of cross-validated variants, paired against a baseline."),
-    "diagnose": ("diagnose", "Run the two-stage pipeline on a batch of MRI slices."),
+    "diagnose": ("diagnose", "Run the two-stage pipeline on MRI slices and volume studies (NIfTI, DICOM)."),
     "notebook": ("notebook", "Execute the exploration notebook on a data root, keeping its outputs."),
     "release": (
         "release",
@@ -26,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quantize",
         "Optional INT8 copies of a pair's models for OpenVINO (NNCF, checked on validation).",
     ),
-    "bench": ("bench", "Measure throughput of both stages, float32 vs mixed precision."),
+    "bench": ("bench", "Measure throughput: each stage per dtype policy, or the pipeline per backend."),
 }
 
 
@@ -42,6 +48,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         if name == chosen:
             _load(name).add_arguments(p)
     return parser
@@ -50,6 +57,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), run the sub-command and return its exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_frameworks(verbose="--verbose" in argv)  # before any command imports TensorFlow
     args = build_parser(argv).parse_args(argv)
     return int(_load(args.command).run(args) or 0)
 

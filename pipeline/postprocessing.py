@@ -17,12 +17,19 @@ chosen on validation is exactly the one applied later.
   the same with 26-connected components below `min_volume_px` voxels dropped, so a blob that
   continues over three slices survives where an isolated speck of the same size does not.
 
-`PostprocessParams` holds the calibrated values (stored in `pipeline.json`).
+`OperatingPoint` is the calibrated operating point, one frozen value carried whole by the pair
+artifact (`pipeline.json`), `TumorPipeline`, diagnosis's settings and evaluation's provenance,
+and validated here only (`check_number`). A new parameter is one field of it (with its range in
+the field's metadata) plus the step that uses it. `PostprocessParams` is its former name.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,12 +38,13 @@ from scipy import ndimage
 __all__ = [
     "CONNECTIVITY_2D",
     "CONNECTIVITY_3D",
+    "OperatingPoint",
     "PostprocessParams",
+    "check_number",
     "clean_volume",
     "gate",
     "neighbour_probabilities",
     "postprocess_mask",
-    "postprocess_volume",
     "remove_small_volumes",
     "volume_gate",
     "volume_spans",
@@ -46,9 +54,33 @@ CONNECTIVITY_2D = np.ones((3, 3), bool)  # 8-connectivity within a slice
 CONNECTIVITY_3D = np.ones((3, 3, 3), bool)  # 26-connectivity: touching across adjacent slices counts
 
 
+def check_number(key: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None) -> Any:
+    """`value` as int (`integer`) or float when it is a finite number in [low, high]; else a
+    ValueError naming `key`, the rule and the value (the one validator of the operating point)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{key!r} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{key!r} must be finite, got {value!r}")
+    if integer and value != int(value):
+        raise ValueError(f"{key!r} must be {kind}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ValueError(f"{key!r} must be {bounds}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _rule(default: Any, low: float, high: float | None = None, *, required: bool) -> Any:
+    """A field of `OperatingPoint`: its default, its range and whether `pipeline.json` must hold it."""
+    integer = isinstance(default, int)
+    rule = {"integer": integer, "low": low, "high": high, "required": required}
+    return field(default=default, metadata=rule)
+
+
 @dataclass(frozen=True)
-class PostprocessParams:
-    """The calibrated operating point of the pipeline.
+class OperatingPoint:
+    """The calibrated operating point of the pipeline (stored in `pipeline.json`).
 
     threshold: classifier probability at or above which a slice is segmented.
     seg_threshold: segmenter probability above which a pixel is tumour.
@@ -56,25 +88,55 @@ class PostprocessParams:
     min_volume_px: 3D components (voxels over a patient's slices) smaller than this are
         dropped; applies only when slices come as a patient volume.
     neighbour_weight: the volume-aware gate's weight in [0, 1] (0: per-slice gate only).
+
+    Each field's metadata gives its range and whether a pair's `pipeline.json` must record it
+    (`required`; the others default when absent). Values are checked and typed on construction
+    (ValueError naming the field).
     """
 
-    threshold: float = 0.5
-    seg_threshold: float = 0.5
-    min_component_px: int = 0
-    min_volume_px: int = 0
-    neighbour_weight: float = 0.0
+    threshold: float = _rule(0.5, 0.0, 1.0, required=True)
+    seg_threshold: float = _rule(0.5, 0.0, 1.0, required=True)
+    min_component_px: int = _rule(0, 0, required=True)
+    min_volume_px: int = _rule(0, 0, required=False)
+    neighbour_weight: float = _rule(0.0, 0.0, 1.0, required=False)
 
     def __post_init__(self) -> None:
-        for name in ("threshold", "seg_threshold", "neighbour_weight"):
-            value = float(getattr(self, name))
-            if not 0.0 <= value <= 1.0:  # also rejects NaN
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("min_component_px", "min_volume_px"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            rule = f.metadata
+            checked = check_number(f.name, getattr(self, f.name), integer=rule["integer"],
+                                   low=rule["low"], high=rule["high"])
+            object.__setattr__(self, f.name, checked)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The fields, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        """The fields a pair's `pipeline.json` must record."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["required"])
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> OperatingPoint:
+        """The fields present in `record` (an optional one may be None); the others at their
+        defaults. Other keys are ignored. ValueError for a value out of range or of the wrong type."""
+        required = cls.required()
+        return cls(**{name: record[name] for name in cls.names()
+                      if name in record and (record[name] is not None or name in required)})
+
+    def replace(self, **changes: Any) -> OperatingPoint:
+        """A copy with `changes` applied (None values ignored: "keep the calibrated one")."""
+        unknown = set(changes) - set(self.names())
+        if unknown:
+            raise TypeError(f"not fields of the operating point: {sorted(unknown)}; valid: {self.names()}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return dataclasses.asdict(self)
+
+
+PostprocessParams = OperatingPoint  # the former name (training calibration, older callers)
 
 
 def gate(probabilities: np.ndarray | float, threshold: float) -> np.ndarray:
@@ -115,32 +177,19 @@ def remove_small_volumes(volume: np.ndarray, min_volume_px: int) -> np.ndarray:
     return _drop_small(volume, min_volume_px, CONNECTIVITY_3D).astype(np.uint8)
 
 
-def volume_gate(probabilities: np.ndarray, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray]:
+def volume_gate(probabilities: np.ndarray, params: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
     """The volume-aware gate on ONE patient's slices in slice order: (scores (S,), flagged (S,) bool)."""
     scores = neighbour_probabilities(probabilities, params.neighbour_weight)
     return scores, gate(scores, params.threshold)
 
 
-def clean_volume(masks: np.ndarray, flagged: np.ndarray, params: PostprocessParams) -> np.ndarray:
+def clean_volume(masks: np.ndarray, flagged: np.ndarray, params: OperatingPoint) -> np.ndarray:
     """One patient's 2D masks (S, H, W) -> uint8 (S, H, W): kept on `flagged` slices only, then
     `remove_small_volumes` with `params.min_volume_px`."""
     out = np.where(np.asarray(flagged)[:, None, None], np.asarray(masks) > 0, False)
     if params.min_volume_px > 1:
         out = remove_small_volumes(out, params.min_volume_px)
     return out.astype(np.uint8)
-
-
-def postprocess_volume(
-    probabilities: np.ndarray, masks: np.ndarray, params: PostprocessParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gate and clean one patient's slices, in slice order: `volume_gate`, then `clean_volume`.
-
-    `probabilities` (S,) classifier outputs; `masks` (S, H, W) the segmenter's 2D masks
-    (`postprocess_mask`) for every slice (slices the gate rejects may hold anything, they
-    are zeroed). Returns (gate scores (S,), flagged (S,) bool, final masks (S, H, W) uint8).
-    """
-    scores, flagged = volume_gate(probabilities, params)
-    return scores, flagged, clean_volume(masks, flagged, params)
 
 
 def volume_spans(volume_ids: np.ndarray) -> list[range]:

@@ -35,6 +35,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("kaggle_3m"))
 
 
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> Path:
+    """The tiny untrained pair (`tests.model_helpers.make_tiny_pair`), built once per session.
+
+    Shared and read-only: a test or fixture that changes a pair takes a copy (`copy_pair`).
+    """
+    from tests.model_helpers import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("tiny_pair") / "pair")
+
+
 @pytest.fixture
 def writable_synthetic_root(tmp_path) -> Path:
     """A fresh synthetic dataset a test may damage."""

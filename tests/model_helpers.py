@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 TINY_CLASSIFIER = {"image_size": 32, "weights": "none", "dense_units": 8}
@@ -45,3 +46,8 @@ def make_tiny_pair(directory: str | os.PathLike, seed: int = TINY_PAIR_SEED, **m
               "backbone_weights": "none", "tiny_test_pair": True}
     record.update(meta)
     return save_pair(directory, make_tiny_classifier(), make_tiny_segmenter(), record)
+
+
+def copy_pair(pair: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """A copy of the pair directory `pair` at `directory` (to change it without touching the shared one)."""
+    return Path(shutil.copytree(pair, directory))

@@ -27,7 +27,7 @@ def _fake_worker(spec):
 def test_bench_pipeline_times_keras_and_openvino_side_by_side(monkeypatch, tmp_path, capsys):
     specs = []
     monkeypatch.setattr(end_to_end, "_run_worker", lambda spec: specs.append(spec) or _fake_worker(spec))
-    monkeypatch.setattr(end_to_end, "_find_pair", lambda models, fresh: None)
+    monkeypatch.setattr(end_to_end, "_find_pair", lambda models, run, fresh: None)
     args = argparse.Namespace(batch_size=16, n_slices=96, baseline_slices=24, data_dir=None, models=None,
                               fresh_models=True, policies=("float32",), backends=("keras", "openvino"),
                               precisions=("auto", "f32"), json=tmp_path / "bench.json")

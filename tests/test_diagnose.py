@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.commands import diagnose as command
 from pipeline.errors import DataError
 from pipeline.inference import diagnose
-from pipeline.inference.diagnose import JOURNAL, output_names, resolve_models_dir, run_diagnosis
+from pipeline.inference.diagnose import JOURNAL, output_names, run_diagnosis
 from pipeline.inference.image_loading import (
     MAX_SIDE,
     expand_inputs,
@@ -282,8 +282,7 @@ class _InterruptAfter:
 
     def __init__(self, pipe: TumorPipeline, fail_on: int | None = None):
         self.pipe, self.fail_on, self.calls, self.seen = pipe, fail_on, 0, 0
-        self.threshold, self.seg_threshold = pipe.threshold, pipe.seg_threshold
-        self.min_component_px, self.tile_size = pipe.min_component_px, pipe.tile_size
+        self.point, self.tile_size, self.backend_name = pipe.point, pipe.tile_size, pipe.backend_name
 
     def predict(self, images):
         self.calls += 1
@@ -395,7 +394,6 @@ def test_models_dir_resolution(tmp_path):
     run = tmp_path / "runs" / "20240202-000000"
     assert resolve_pair(run, **where).pair_dir == run
     assert resolve_pair(run=run, **where) == PairSource(run, run)
-    assert resolve_models_dir(run) == run  # the name pipeline.benchmarks uses
     with pytest.raises(DataError, match="not a model pair"):
         resolve_pair(tmp_path / "runs", **where)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data.splits import pair_splits_file, select_positions
 from pipeline.errors import DataError
 from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.predictions import predict_slices
@@ -109,9 +110,8 @@ def test_pipeline_false_positive_and_negative_slices_are_listed(hand_built_resul
 
 def test_real_tumor_pipeline_gives_the_same_hand_computed_numbers():
     """Through the product's own TumorPipeline, with Keras stubs that answer what each image encodes."""
-    tumor_pipeline = pytest.importorskip(
-        "pipeline.inference.tumor_pipeline", reason="pipeline.inference.tumor_pipeline not available yet"
-    )
+    from pipeline.inference import tumor_pipeline
+
     case = hand_built_case()
     exp = case.expected
     pipeline = tumor_pipeline.TumorPipeline(
@@ -271,34 +271,24 @@ def test_splits_file_defaults_to_the_runs_copy(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     source = ev.ModelSource(run, run)
-    assert ev.resolve_splits_path(None, source, models) is None
+    assert pair_splits_file(None, source, models) is None
     (models / "splits.csv").write_text("patient_id,split\n")
-    assert ev.resolve_splits_path(None, source, models) == models / "splits.csv"
+    assert pair_splits_file(None, source, models) == models / "splits.csv"
     (run / "splits.csv").write_text("patient_id,split\n")
-    assert ev.resolve_splits_path(None, source, models) == run / "splits.csv"
-    assert ev.resolve_splits_path(tmp_path / "x.csv", source, models) == tmp_path / "x.csv"
+    assert pair_splits_file(None, source, models) == run / "splits.csv"
+    assert pair_splits_file(tmp_path / "x.csv", source, models) == tmp_path / "x.csv"
 
 
 def test_split_all_needs_no_split_file_and_test_split_does(synthetic_root, tmp_path):
-    index_mod = pytest.importorskip("pipeline.data.index", reason="data layer not available")
-    index_df = index_mod.index_dataset(synthetic_root, cache_dir=tmp_path / "cache")
-    assert ev.select_positions(index_df, "all", None).tolist() == list(range(len(index_df)))
+    from pipeline.data.index import index_dataset
+
+    index_df = index_dataset(synthetic_root, cache_dir=tmp_path / "cache")
+    assert select_positions(index_df, "all", None).tolist() == list(range(len(index_df)))
     with pytest.raises(DataError, match="--split all"):
-        ev.select_positions(index_df, "test", tmp_path / "missing.csv")
+        select_positions(index_df, "test", tmp_path / "missing.csv")
 
 
 # --------------------------------------------------------------------------- end to end through the CLI
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> Path:
-    """An untrained tiny pair (tests/model_helpers.py), built once for this module."""
-    pytest.importorskip("pipeline.inference.tumor_pipeline", reason="pipeline.inference not available yet")
-    pytest.importorskip("pipeline.data.array_cache", reason="pipeline.data.array_cache not available yet")
-    model_helpers = pytest.importorskip(
-        "tests.model_helpers", reason="tests/model_helpers.py not available yet"
-    )
-    return model_helpers.make_tiny_pair(tmp_path_factory.mktemp("tiny") / "pair")
 
 
 @pytest.mark.slow

@@ -59,14 +59,6 @@ def stub_models(tmp_path, monkeypatch) -> list[str]:
     return ["--models", str(pair), "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> Path:
-    """A real (untrained) tiny saved pair, built once; copy it before damaging it."""
-    from tests.model_helpers import make_tiny_pair
-
-    return make_tiny_pair(tmp_path_factory.mktemp("hardening") / "pair")
-
-
 def _edited_pair(pair: Path, folder: Path, edit) -> Path:
     """A copy of `pair` whose pipeline.json went through `edit(meta)` (which changes it in place)."""
     copy = Path(shutil.copytree(pair, folder))
@@ -319,8 +311,7 @@ class _FailsOneSlice:
 
     def __init__(self):
         self.pipe = stub_pipeline()
-        self.threshold, self.seg_threshold = self.pipe.threshold, self.pipe.seg_threshold
-        self.min_component_px, self.tile_size = self.pipe.min_component_px, self.pipe.tile_size
+        self.point, self.tile_size, self.backend_name = self.pipe.point, self.pipe.tile_size, "keras"
 
     def predict(self, images):
         if any(image.shape[1] == 72 for image in images):
@@ -371,9 +362,9 @@ def test_an_edited_release_pipeline_json_is_refused(tmp_path):
     for name in ("pipeline.json", "SHA256SUMS"):
         shutil.copy(PROJECT_ROOT / "models" / name, release / name)
     record = json.loads((release / "pipeline.json").read_text())
-    assert read_pair_meta(release).threshold == record["threshold"]
+    assert read_pair_meta(release).point.threshold == record["threshold"]
     record["threshold"] = 0.05
     (release / "pipeline.json").write_text(json.dumps(record))
     with pytest.raises(DataError, match="pipeline.json has .* SHA256SUMS records"):
         read_pair_meta(release)
-    assert read_pair_meta(release, allow_unverified=True).threshold == 0.05
+    assert read_pair_meta(release, allow_unverified=True).point.threshold == 0.05

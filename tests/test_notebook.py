@@ -69,11 +69,11 @@ def _write_split(pair: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_pair_with_split(tmp_path_factory) -> Path:
+def tiny_pair_with_split(tiny_pair, tmp_path_factory) -> Path:
     """An untrained tiny pair (tests/model_helpers.py) with a split file: what the notebook loads."""
-    from tests.model_helpers import make_tiny_pair
+    from tests.model_helpers import copy_pair
 
-    return _write_split(make_tiny_pair(tmp_path_factory.mktemp("notebook") / "pair"))
+    return _write_split(copy_pair(tiny_pair, tmp_path_factory.mktemp("notebook") / "pair"))
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ import pytest
 
 from pipeline.evaluation.predictions import run_pipeline, run_segmenter
 from pipeline.postprocessing import (
-    PostprocessParams,
+    OperatingPoint,
+    clean_volume,
     gate,
     neighbour_probabilities,
-    postprocess_volume,
     remove_small_volumes,
+    volume_gate,
     volume_spans,
 )
 from pipeline.training.calibration import calibrate_from_predictions, volume_grid
@@ -65,9 +66,10 @@ def test_the_volume_aware_gate_lowers_the_bar_next_to_a_confident_slice():
     p = np.array([0.1, 0.3, 0.95, 0.2, 0.05])
     np.testing.assert_allclose(neighbour_probabilities(p, 0.0), p)
     np.testing.assert_allclose(neighbour_probabilities(p, 0.5), [0.15, 0.475, 0.95, 0.475, 0.1])
-    params = PostprocessParams(threshold=0.45, neighbour_weight=0.5)
+    params = OperatingPoint(threshold=0.45, neighbour_weight=0.5)
     masks = np.ones((5, 2, 2), np.uint8)
-    scores, flagged, out = postprocess_volume(p, masks, params)
+    scores, flagged = volume_gate(p, params)
+    out = clean_volume(masks, flagged, params)
     assert flagged.tolist() == [False, True, True, True, False]
     assert out.sum(axis=(1, 2)).tolist() == [0, 4, 4, 4, 0]
 
@@ -76,7 +78,7 @@ def test_the_volume_aware_gate_lowers_the_bar_next_to_a_confident_slice():
                                  {"neighbour_weight": 1.5}])
 def test_params_reject_values_out_of_range(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        PostprocessParams(**bad)
+        OperatingPoint(**bad)
 
 
 def test_calibration_picks_the_3d_filter_that_removes_isolated_false_positives():

@@ -43,11 +43,11 @@ RELEASE_FILES = {CLASSIFIER_FILE, SEGMENTER_FILE, SPLITS_FILE, META_FILE}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tiny_pair, tmp_path_factory) -> Path:
     """A stand-in training run: the tiny float32 pair plus its split file."""
-    from tests.model_helpers import make_tiny_pair
+    from tests.model_helpers import copy_pair
 
-    run = make_tiny_pair(tmp_path_factory.mktemp("runs") / "20250101-000000")
+    run = copy_pair(tiny_pair, tmp_path_factory.mktemp("runs") / "20250101-000000")
     (run / SPLITS_FILE).write_text(SPLITS_TEXT, encoding="utf-8")
     return run
 
@@ -358,10 +358,9 @@ def test_the_committed_release_reads_as_a_pair_artifact():
 
     artifact = read_pair_meta(PROJECT_ROOT / "models")
     chosen = artifact.extra["validation"]  # the operating point calibration chose on validation
-    settings = artifact.pipeline_settings()
-    assert settings["tile_size"] == 256 and settings["seg_threshold"] == 0.5
+    assert artifact.tile_size == 256 and artifact.point.seg_threshold == 0.5
     for key in ("threshold", "min_component_px", "min_volume_px", "neighbour_weight"):
-        assert settings[key] == chosen[key], key
+        assert getattr(artifact.point, key) == chosen[key], key
     assert (artifact.classifier_image_size, artifact.policy, artifact.verified) == (128, "float32", True)
     assert {"validation", "data", "config", "release", "durations_minutes", "versions"} <= set(artifact.extra)
     int8 = {entry[k] for entry in artifact.extra.get("openvino_int8", {}).values() for k in ("xml", "bin")}

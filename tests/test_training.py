@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -225,7 +224,7 @@ def test_history_is_trimmed_to_the_epochs_the_backup_holds(tmp_path):
     assert [r["phase"] for r in rows] == ["a", "a", "b", "b"]
     cb.plot_curves(rows, "dice", tmp_path / "curves.png", "t")
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    assert math.isclose(cb.best_in_history(tmp_path / "missing.csv", "x") or 0.0, 0.0)
+    assert cb.best_in_history(tmp_path / "missing.csv", "x") is None  # nothing recorded, not 0.0
 
 
 def test_strategy_choice_and_chief_detection(monkeypatch):
@@ -246,3 +245,30 @@ def test_strategy_choice_and_chief_detection(monkeypatch):
     assert not is_chief()
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
     assert is_chief()
+
+
+def test_recalibrate_pair_rewrites_only_the_operating_point(tiny_pair, synthetic_root, tmp_path):
+    """`recalibrate_pair` (`python -m pipeline calibrate`) re-chooses the point on the validation
+    patients and rewrites pipeline.json; the model files and their sums stay as they were."""
+    import json
+
+    from pipeline.models.pair_artifact import read_pair_meta
+    from pipeline.postprocessing import OperatingPoint
+    from pipeline.training.calibration import recalibrate_pair
+    from pipeline.training.config import QUICK_PRESET, load_config
+    from tests.model_helpers import copy_pair
+
+    pair = copy_pair(tiny_pair, tmp_path / "pair")
+    before = read_pair_meta(pair)
+    config = load_config(presets=[QUICK_PRESET], overrides=[
+        f"data.data_dir={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.splits={tmp_path / 'splits.csv'}"])
+    result = recalibrate_pair(pair, config, batch_size=8)
+    after = read_pair_meta(pair)
+    assert after.point == result.params and isinstance(after.point, OperatingPoint)
+    assert after.point.threshold in config.calibration.thresholds
+    assert after.sha256 == before.sha256 and after.tile_size == before.tile_size
+    assert after.extra["validation"]["val_mean_patient_dice"] == result.val_patient_dice
+    assert (pair / "calibration_grid.csv").is_file()
+    assert json.loads((pair / "pipeline.json").read_text())["calibration"]["thresholds"] == list(
+        config.calibration.thresholds)

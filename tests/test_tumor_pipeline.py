@@ -28,12 +28,9 @@ def slices(synthetic_root):
 
 
 @pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory) -> TumorPipeline:
+def tiny_pipeline(tiny_pair) -> TumorPipeline:
     """The saved tiny pair (untrained, `tests.model_helpers`) loaded by `from_dir`, flagging every slice."""
-    from tests.model_helpers import make_tiny_pair
-
-    pair_dir = make_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))
-    return TumorPipeline.from_dir(pair_dir, threshold=0.0, batch_size=8)
+    return TumorPipeline.from_dir(tiny_pair, threshold=0.0, batch_size=8)
 
 
 def test_a_slice_under_the_threshold_never_reaches_the_segmenter(slices):
@@ -180,7 +177,7 @@ def test_from_dir_reads_the_operating_point_and_overrides_win(monkeypatch):
     meta = {"threshold": 0.3, "min_component_px": 7, "seg_threshold": 0.4, "segmenter_tile_size": 128}
     stubs = stub_pipeline()
     monkeypatch.setattr(
-        model_io, "load_pair", lambda path: model_io.ModelPair(stubs.classifier, stubs.segmenter, meta)
+        model_io, "load_pair", lambda path, **_: model_io.ModelPair(stubs.classifier, stubs.segmenter, meta)
     )
     pipe = TumorPipeline.from_dir("unused")
     assert (pipe.threshold, pipe.min_component_px, pipe.seg_threshold, pipe.tile_size) == (0.3, 7, 0.4, 128)

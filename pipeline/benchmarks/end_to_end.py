@@ -33,6 +33,7 @@ process's peak resident set size. Numbers depend on the machine and its load (pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -41,13 +42,14 @@ from typing import Any
 
 from pipeline.benchmarks import run_worker, worker_main
 from pipeline.data.synthetic_slices import TUMOUR_SHARE
+from pipeline.inference.backends.base import AUTO, KERAS, OPENVINO
 
 SLICE_SIZE = 256
 TARGET_SLICES_PER_S = 40.0
 DEFAULT_N_SLICES = 96
 DEFAULT_BASELINE_SLICES = 24
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kaggle_3m"
-DEFAULT_BACKENDS = ("keras", "openvino")
+DEFAULT_BACKENDS = (KERAS, OPENVINO)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -55,7 +57,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser) -> None:
-    """Flags of the end-to-end benchmark (added to `bench` as an argument group)."""
+    """Flags of the end-to-end benchmark (added to `bench` as an argument group; `bench` adds the
+    shared --models/--run and --data-dir)."""
     parser.add_argument(
         "--n-slices",
         type=int,
@@ -67,12 +70,6 @@ def add_arguments(parser) -> None:
         type=int,
         default=DEFAULT_BASELINE_SLICES,
         help=f"slices timed for the one-at-a-time baseline; 0 skips it (default {DEFAULT_BASELINE_SLICES})",
-    )
-    parser.add_argument(
-        "--data-dir", default=None, help="Kaggle-layout data root (default: see pipeline.paths)"
-    )
-    parser.add_argument(
-        "--models", default=None, metavar="DIR", help="trained pair to time (default: as diagnose)"
     )
     parser.add_argument(
         "--backends", type=_csv, default=DEFAULT_BACKENDS,
@@ -148,22 +145,24 @@ def load_slices(data_dir: str | None, n: int) -> tuple[list, int, str]:
 # --------------------------------------------------------------------------- models
 
 
-def _find_pair(models: str | None, fresh: bool) -> Path | None:
+def _find_pair(models: str | None, run: str | None, fresh: bool) -> Path | None:
+    """The pair to time (`paths.resolve_pair`), None for fresh models or when there is no pair."""
     if fresh:
         return None
     from pipeline.errors import DataError
-    from pipeline.inference.diagnose import resolve_models_dir
+    from pipeline.paths import resolve_pair
 
     try:
-        return resolve_models_dir(models)
+        return resolve_pair(models, run).pair_dir
     except DataError:
-        if models:
+        if models or run:
             raise
         return None
 
 
 def _models_under_policy(pair_dir: Path | None):
-    """(classifier, segmenter, meta, description) built under the current global policy."""
+    """(classifier, segmenter, the loaded `ModelPair` or None, description), the models built under
+    the current global policy."""
     from pipeline.models.resnet_classifier import build_classifier
     from pipeline.models.resunet import build_resunet
     from pipeline.training.config import ClassifierConfig, SegmenterConfig
@@ -177,7 +176,7 @@ def _models_under_policy(pair_dir: Path | None):
         return (
             classifier,
             segmenter,
-            {},
+            None,
             (
                 f"fresh untrained models (classifier {cls_cfg.image_size}px, "
                 f"ResUNet {seg_cfg.base_filters}/{seg_cfg.depth}, weights=none)"
@@ -202,7 +201,7 @@ def _models_under_policy(pair_dir: Path | None):
     except (ValueError, TypeError) as exc:  # architecture not rebuildable: time the saved models as they are
         description += f"; kept its saved policy ({exc})"
         classifier, segmenter = pair.classifier, pair.segmenter
-    return classifier, segmenter, pair.meta, description
+    return classifier, segmenter, pair, description
 
 
 # --------------------------------------------------------------------------- workers
@@ -224,34 +223,25 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
 
     from pipeline.inference.tumor_pipeline import TumorPipeline
     from pipeline.models.precision import apply_policy
+    from pipeline.postprocessing import OperatingPoint
 
     policy = apply_policy(spec["policy"])
     images, n_tumour, source = load_slices(spec["data_dir"], spec["n_slices"])
     pair_dir = Path(spec["pair_dir"]) if spec["pair_dir"] else None
-    classifier, segmenter, meta, models = _models_under_policy(pair_dir)
+    classifier, segmenter, pair, models = _models_under_policy(pair_dir)
     batch = spec["batch_size"]
-    backend = spec.get("backend", "keras")
-    from pipeline.models.pair_artifact import model_sums
-
-    sums = model_sums(meta.get("sha256") or {})
-    int8 = None
-    if backend == "openvino" and policy == "float32" and pair_dir is not None and meta.get("openvino_int8"):
-        from pipeline.inference.backends.int8 import int8_irs
-
-        int8 = int8_irs(pair_dir, meta, sums)
-    pipe = TumorPipeline(
-        classifier,
-        segmenter,
-        threshold=float(meta.get("threshold", 0.5)),
-        min_component_px=int(meta.get("min_component_px", 0) or 0),
-        tile_size=SLICE_SIZE,
-        batch_size=batch,
-        backend=backend,
-        precision=spec.get("precision", "auto"),
-        # float32 rebuilds hold the files' weights exactly: share diagnose's IR cache entry
-        model_sha256=sums if policy == "float32" else None,
-        int8_xml=int8,  # the INT8 IRs the pair ships, used under precision auto as diagnose does
-    )
+    options = {"batch_size": batch, "backend": spec.get("backend", KERAS),
+               "precision": spec.get("precision", AUTO)}
+    if pair is None:  # untrained models have no operating point: the default one, its gate set below
+        pipe = TumorPipeline(classifier, segmenter, OperatingPoint(), tile_size=SLICE_SIZE, **options)
+    else:
+        # As diagnose builds it (`from_pair`: the pair's operating point, tile size and INT8 IRs).
+        # Float32 rebuilds hold the files' weights exactly, so they share diagnose's IR cache entry
+        # and INT8 IRs; rebuilds under another policy are hashed by their weights instead.
+        exact = policy == "float32"
+        rebuilt = dataclasses.replace(pair, classifier=classifier, segmenter=segmenter)
+        pipe = TumorPipeline.from_pair(rebuilt, pair_dir if exact else None,
+                                       **options, **({} if exact else {"model_sha256": {}}))
 
     probabilities = pipe.classify(images)  # warm-up of the classifier
     if pair_dir is None:  # untrained gate: flag the top third, as a trained one would on this mix
@@ -272,7 +262,7 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "kind": "pipeline",
         "backend": info["backend"],
-        "policy": policy if info["backend"] == "keras" else info["segmenter_precision"],
+        "policy": policy if info["backend"] == KERAS else info["segmenter_precision"],
         "precision": {"classifier": info["classifier_precision"], "segmenter": info["segmenter_precision"]},
         "models": models,
         "slices": source,
@@ -314,7 +304,7 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = _timed(one_at_a_time)
     return {
         "kind": "baseline",
-        "backend": "keras",
+        "backend": KERAS,
         "policy": "float32",
         "slices": source,
         "n_slices": len(images),
@@ -334,7 +324,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The results as a table, with end-to-end speed-ups over the baseline and over Keras float32."""
     rows = report["results"]
     baseline = next((r for r in rows if r["kind"] == "baseline"), None)
-    reference = next((r for r in rows if r["kind"] == "pipeline" and r.get("backend", "keras") == "keras"
+    reference = next((r for r in rows if r["kind"] == "pipeline" and r.get("backend", KERAS) == KERAS
                       and r["policy"] == "float32"), None)
     pipeline_rows = [r for r in rows if r["kind"] == "pipeline"]
     lines = []
@@ -391,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
     baseline_slices = int(getattr(args, "baseline_slices", DEFAULT_BASELINE_SLICES))
     if batch_size < 1 or n_slices < 3 or baseline_slices < 0:
         raise SystemExit("--batch-size must be >= 1, --n-slices >= 3, --baseline-slices >= 0")
-    pair_dir = _find_pair(getattr(args, "models", None), bool(getattr(args, "fresh_models", False)))
+    pair_dir = _find_pair(getattr(args, "models", None), getattr(args, "run", None),
+                          bool(getattr(args, "fresh_models", False)))
     spec = {
         "batch_size": batch_size,
         "n_slices": n_slices,
@@ -402,18 +393,18 @@ def run(args: argparse.Namespace) -> int:
     env = environment()
     results = []
     backends = tuple(getattr(args, "backends", DEFAULT_BACKENDS))
-    unknown = [b for b in backends if b not in ("keras", "openvino")]
+    unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
     if unknown:
-        raise SystemExit(f"unknown backend(s) {unknown}; valid: keras, openvino")
-    if "keras" in backends:
+        raise SystemExit(f"unknown backend(s) {unknown}; valid: {', '.join(DEFAULT_BACKENDS)}")
+    if KERAS in backends:
         for requested, resolved in distinct_policies(tuple(getattr(args, "policies", ("float32", "auto")))):
             print(f"  timing the pipeline on keras under {resolved} (requested {requested}) ...", flush=True)
-            results.append(_run_worker({**spec, "kind": "pipeline", "policy": resolved, "backend": "keras"}))
-    if "openvino" in backends:
+            results.append(_run_worker({**spec, "kind": "pipeline", "policy": resolved, "backend": KERAS}))
+    if OPENVINO in backends:
         for precision in dict.fromkeys(getattr(args, "precisions", ("auto",))):
             print(f"  timing the pipeline on openvino, precision {precision} ...", flush=True)
             results.append(_run_worker({**spec, "kind": "pipeline", "policy": "float32",
-                                        "backend": "openvino", "precision": precision}))
+                                        "backend": OPENVINO, "precision": precision}))
     if spec["baseline_slices"]:
         print(f"  timing the course baseline on {spec['baseline_slices']} slices ...", flush=True)
         results.append(_run_worker({**spec, "kind": "baseline", "policy": "float32"}))

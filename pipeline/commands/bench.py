@@ -1,18 +1,17 @@
 """`python -m pipeline bench {models,pipeline}`: throughput benchmarks (measurements, not tests).
 
-`models` times training and inference of each stage at 256x256, float32 against the `auto`
-dtype policy (`pipeline.benchmarks.models`); `pipeline` runs the end-to-end benchmark in
-`pipeline.benchmarks.end_to_end` (its `add_arguments(parser)`, if defined, adds its flags).
+`models` times training and inference of each stage at 256x256 under each dtype policy of
+`--policies` (`pipeline.benchmarks.models`); `pipeline` runs the end-to-end benchmark of
+`pipeline.benchmarks.end_to_end` (whose flags it adds), each backend side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 from pathlib import Path
 
-END_TO_END = "pipeline.benchmarks.end_to_end"
+from pipeline.benchmarks import end_to_end
+
 TARGETS = ("models", "pipeline")
 
 
@@ -20,17 +19,10 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _end_to_end_module():
-    """The end-to-end benchmark module, or None when it does not exist (yet)."""
-    try:
-        found = importlib.util.find_spec(END_TO_END) is not None
-    except ModuleNotFoundError:
-        found = False
-    return importlib.import_module(END_TO_END) if found else None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the `bench` sub-command."""
+    from pipeline.commands.arguments import add_data_arguments, add_pair_arguments
+
     parser.add_argument("target", nargs="?", choices=TARGETS, default="models",
                         help="models: each stage alone (default); pipeline: the whole two-stage pipeline")
     parser.add_argument("--policies", type=_csv, default=("float32", "auto"),
@@ -49,20 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a number of top stages (default all = fine-tuning)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="also write the results as JSON")
-    module = _end_to_end_module()
-    if module is not None and hasattr(module, "add_arguments"):
-        module.add_arguments(parser.add_argument_group("pipeline benchmark"))
+    group = parser.add_argument_group("pipeline benchmark")
+    add_pair_arguments(group, unverified=False)
+    add_data_arguments(group, cache=False)
+    end_to_end.add_arguments(group)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print its table, optionally write JSON. Returns the exit code."""
     if args.target == "pipeline":
-        module = _end_to_end_module()
-        if module is None:
-            print(f"the end-to-end benchmark ({END_TO_END.replace('.', '/')}.py) is not available in this "
-                  "checkout; `python -m pipeline bench models` measures each stage alone")
-            return 2
-        return int(module.run(args) or 0)
+        return int(end_to_end.run(args) or 0)
 
     from pipeline.benchmarks import models as bench_models
     from pipeline.io_utils import atomic_write_json

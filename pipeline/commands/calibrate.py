@@ -15,11 +15,10 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands.arguments import add_pair_arguments
     from pipeline.training.config import DEFAULT_CONFIG
 
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--run", help="a training run folder (its pair and its config.yaml)")
-    where.add_argument("--models", help="a pair folder (calibrated with --config)")
+    add_pair_arguments(parser, unverified=False, required=True)  # it rewrites the pair: never a default
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="config for --models (default: %(default)s); a run uses its own config.yaml")
     parser.add_argument("--data-dir",
@@ -29,16 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.commands.arguments import resolve_pair_args
     from pipeline.errors import DataError
     from pipeline.training.calibration import recalibrate_pair
     from pipeline.training.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pair_dir = Path(args.run or args.models)
-    run_config = pair_dir / "config.yaml"
-    config_file = run_config if args.run and run_config.is_file() else args.config
     overrides = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     try:
+        source = resolve_pair_args(args)
+        pair_dir = source.pair_dir
+        run_config = Path(source.run_dir) / "config.yaml" if source.run_dir else None
+        config_file = run_config if run_config is not None and run_config.is_file() else args.config
         result = recalibrate_pair(pair_dir, load_config(config_file, [], overrides))
     except DataError as exc:
         logging.getLogger(__name__).error("%s", exc)

@@ -22,6 +22,13 @@ EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the diagnose options on `parser`."""
+    from pipeline.commands.arguments import (
+        add_backend_arguments,
+        add_out_argument,
+        add_pair_arguments,
+        add_point_arguments,
+    )
+
     parser.add_argument(
         "inputs",
         nargs="*",
@@ -30,39 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "channels on its 4th axis; a folder of NIfTI files or DICOM series folders named ..._pre, "
         "..._flair, ..._post), folders (searched recursively for both) or glob patterns",
     )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="OUT",
-        help="output folder for report.csv/json, patients.csv, masks/, overlays/ and volumes/ "
-        "(the mask NIfTI of each volume study)",
-    )
-    from pipeline.paths import DEFAULT_PAIR_RULE
-
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--models", metavar="DIR", default=None, help=f"trained pair directory ({DEFAULT_PAIR_RULE})"
-    )
-    which.add_argument(
-        "--run", metavar="DIR", default=None, help="a training run directory: use the pair it holds"
-    )
-    parser.add_argument(
-        "--allow-unverified",
-        action="store_true",
-        help="load a pair whose pipeline.json records no sha256 of its model files (refused otherwise)",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="classifier probability at or above which a slice is segmented (default: the pair's)",
-    )
-    parser.add_argument(
-        "--min-component-px",
-        type=int,
-        default=None,
-        help="drop predicted tumour regions smaller than this many pixels (default: the pair's)",
-    )
+    add_out_argument(parser, "report.csv/json, patients.csv, masks/, overlays/ and volumes/ "
+                     "(the mask NIfTI of each volume study)", required=True)
+    add_pair_arguments(parser)
+    add_point_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="slices per batch (default: 16)")
     parser.add_argument(
         "--explain",
@@ -96,14 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     study.add_argument(
         "--study-id", metavar="NAME", default=None, help="name of that study (default: the FLAIR source's)"
     )
-    from pipeline.inference.backends import add_backend_arguments
-
     add_backend_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the diagnosis described by `args`; print a summary and return the exit code."""
+    from pipeline.commands.arguments import point_overrides
     from pipeline.errors import DataError
     from pipeline.inference.diagnose import run_diagnosis
 
@@ -114,11 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs and all(src is None for src in trio):
         print("error: give at least one INPUT, or a study with --pre/--flair/--post", file=sys.stderr)
         return EXIT_USAGE
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.min_component_px is not None and args.min_component_px < 0:
-        print(f"error: --min-component-px must be >= 0, got {args.min_component_px}", file=sys.stderr)
+    try:
+        point_overrides(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         result = run_diagnosis(
@@ -176,8 +152,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `lgg-diagnose`: the `diagnose` sub-command on its own."""
+    from pipeline.quiet import VERBOSE_HELP, quiet_frameworks
+
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_frameworks(verbose="--verbose" in argv)
     parser = argparse.ArgumentParser(prog="lgg-diagnose", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return run(parser.parse_args(argv))
 
 

@@ -12,20 +12,16 @@ from pipeline.errors import DataError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lgg-pipeline evaluate`."""
-    from pipeline.paths import DEFAULT_PAIR_RULE
+    from pipeline.commands.arguments import (
+        add_backend_arguments,
+        add_data_arguments,
+        add_out_argument,
+        add_pair_arguments,
+        add_point_arguments,
+    )
+    from pipeline.data.splits import EVAL_SPLITS
 
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--models",
-        metavar="DIR",
-        help=f"a model pair directory (classifier, segmenter, pipeline.json) ({DEFAULT_PAIR_RULE})",
-    )
-    which.add_argument("--run", metavar="DIR", help="a training run directory: evaluate the pair it holds")
-    parser.add_argument(
-        "--allow-unverified",
-        action="store_true",
-        help="load a pair whose pipeline.json records no sha256 of its model files (refused otherwise)",
-    )
+    add_pair_arguments(parser)
     parser.add_argument(
         "--skip-bad",
         action="store_true",
@@ -33,31 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--split",
-        choices=("test", "val", "train", "all"),
-        default="test",
+        choices=EVAL_SPLITS,
+        default=EVAL_SPLITS[0],
         help="patients to evaluate: a split of the split file, or 'all' patients under "
-        "--data-dir (no split file needed) (default: test)",
+        "--data-dir (no split file needed) (default: %(default)s)",
     )
     parser.add_argument(
-        "--splits", metavar="CSV", help="split file (default: the run's splits.csv, else models/splits.csv)"
+        "--splits", metavar="CSV",
+        help="split file (default: the run's splits.csv, else the pair's, else models/splits.csv)"
     )
-    parser.add_argument(
-        "--data-dir",
-        metavar="PATH",
-        help="Kaggle-layout data root (default: $LGG_DATA_DIR, else data/kaggle_3m)",
-    )
-    parser.add_argument(
-        "--cache-dir", metavar="PATH", help="index/array cache (default: $LGG_CACHE_DIR, else .cache/)"
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", help="output folder (default: <run or models>/evaluation/<split>/)"
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        metavar="P",
-        help="classifier threshold (default: the calibrated one in pipeline.json)",
-    )
+    add_data_arguments(parser)
+    add_out_argument(parser, "report.json, report.md, the tables and figures",
+                     default="<run or models>/evaluation/<split>/")
+    add_point_arguments(parser, min_component=False)
     parser.add_argument(
         "--batch-size", type=int, default=16, metavar="N", help="slices per batch (default: 16)"
     )
@@ -69,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bootstrap resamples for the confidence intervals (default: 1000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    from pipeline.inference.backends import add_backend_arguments
-
     add_backend_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -111,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the figures are written to files only
+    from pipeline.commands.arguments import point_overrides
     from pipeline.evaluation.evaluate import evaluate
 
     if args.batch_size < 1 or args.n_boot < 1:
         print("error: --batch-size and --n-boot must be >= 1", file=sys.stderr)
         return 2
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print("error: --threshold must be in [0, 1]", file=sys.stderr)
+    try:
+        point_overrides(args)
+    except ValueError as exc:
+        print(f"error: --threshold: {exc}", file=sys.stderr)
         return 2
     try:
         result = evaluate(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import MODELS_DIR, SPLITS_FILE
 
-DEFAULT_SPLITS = PROJECT_ROOT / "models" / "splits.csv"
+DEFAULT_SPLITS = MODELS_DIR / SPLITS_FILE
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -23,10 +23,9 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `index` options on `parser`."""
-    parser.add_argument("--data-dir", help="Kaggle-layout root (default: $LGG_DATA_DIR, else data/kaggle_3m)")
-    parser.add_argument(
-        "--cache-dir", help="where the index cache goes (default: $LGG_CACHE_DIR, else .cache/)"
-    )
+    from pipeline.commands.arguments import add_data_arguments
+
+    add_data_arguments(parser)
     parser.add_argument(
         "--splits", default=str(DEFAULT_SPLITS), help="patient split CSV, written once (default: %(default)s)"
     )

@@ -1,11 +1,14 @@
 """`notebook`: execute notebooks/exploration.ipynb on a real data root and keep its outputs.
 
-    python -m pipeline notebook --data-dir ../shared/data/kaggle_3m [--models models] [--run RUN]
+    python -m pipeline notebook --data-dir ../shared/data/kaggle_3m [--models DIR | --run RUN]
+                                [--curves RUN]
 
 The notebook reads `LGG_DATA_DIR`, `LGG_MODELS_DIR`, `LGG_RUN_DIR` and `LGG_CACHE_DIR`; this
-command sets them from its flags, runs every cell in a fresh kernel of this interpreter and
-writes the executed notebook back atomically (or to `--out`), so it reads with its figures on
-a repository page. It refuses to write a notebook above `--max-mb` (figures are PNGs).
+command sets them from its flags (the pair as every command resolves it, `paths.resolve_pair`;
+the curves of `--curves`, else of the run the pair comes from), runs every cell in a fresh
+kernel of this interpreter and writes the executed notebook back atomically (or to `--out`), so
+it reads with its figures on a repository page. It refuses to write a notebook above `--max-mb`
+(figures are PNGs).
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ def drop_noise(nb) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, help="Kaggle-layout data root the notebook explores")
-    parser.add_argument("--models", default=str(PROJECT_ROOT / "models"),
-                        help="pair folder (default: models/)")
-    parser.add_argument("--run", default=None, help="training run whose curves are shown (default: none)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (default: .cache/)")
-    parser.add_argument("--out", type=Path, default=NOTEBOOK, help="where to write (default: in place)")
+    from pipeline.commands.arguments import add_data_arguments, add_pair_arguments
+
+    add_data_arguments(parser, required=True)
+    add_pair_arguments(parser, unverified=False)
+    parser.add_argument("--curves", metavar="RUN", default=None,
+                        help="training run whose curves are shown (default: the run the pair comes from, "
+                             "else the one its pipeline.json names)")
+    parser.add_argument("--out", type=Path, default=NOTEBOOK,
+                        help="the executed notebook's file (default: in place)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default: %(default)s)")
     parser.add_argument("--max-mb", type=float, default=3.0, help="largest notebook written (default: 3)")
 
@@ -49,13 +55,21 @@ def run(args: argparse.Namespace) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    from pipeline.commands.arguments import resolve_pair_args
+    from pipeline.errors import DataError
     from pipeline.io_utils import atomic_write
 
+    try:
+        source = resolve_pair_args(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # absolute: the kernel runs in notebooks/, where a path relative to here means something else
-    env = {"LGG_DATA_DIR": os.path.abspath(args.data_dir), "LGG_MODELS_DIR": os.path.abspath(args.models),
+    env = {"LGG_DATA_DIR": os.path.abspath(args.data_dir), "LGG_MODELS_DIR": os.path.abspath(source.pair_dir),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if args.run:
-        env["LGG_RUN_DIR"] = os.path.abspath(args.run)
+    curves = args.curves or source.run_dir
+    if curves:
+        env["LGG_RUN_DIR"] = os.path.abspath(curves)
     if args.cache_dir:
         env["LGG_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     os.environ.update(env)  # the kernel inherits this process's environment

@@ -1,7 +1,7 @@
 """`python -m pipeline quantize`: optional INT8 copies of a pair's models for the OpenVINO backend.
 
 Post-training quantization with NNCF on training-patient slices; a variant is kept only when the
-validation end-to-end Dice drops by at most --max-drop (see `pipeline.inference.backends.int8`).
+validation end-to-end Dice drops by at most --max-drop (see `pipeline.quantization.int8`).
 Needs `pip install -r requirements-int8.txt` and the data root with the pair's split.
 """
 
@@ -14,13 +14,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the `quantize` sub-command."""
-    from pipeline.inference.backends.int8 import DEFAULT_CALIBRATION_SLICES, MAX_DROP
+    from pipeline.commands.arguments import add_data_arguments, add_pair_arguments
+    from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP
 
-    parser.add_argument("--models", default="models", metavar="DIR",
-                        help="the pair to quantize (default models/)")
-    parser.add_argument("--data-dir", default=None,
-                        help="Kaggle-layout data root (default: see pipeline.paths)")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default: .cache/)")
+    add_pair_arguments(parser, unverified=False)
+    add_data_arguments(parser)
     parser.add_argument("--calibration-slices", type=int, default=DEFAULT_CALIBRATION_SLICES,
                         help="training-patient slices for the statistics "
                              f"(default {DEFAULT_CALIBRATION_SLICES})")
@@ -36,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    from pipeline.commands.arguments import resolve_pair_args
     from pipeline.errors import DataError
-    from pipeline.inference.backends.int8 import quantize_pair
+    from pipeline.quantization.int8 import quantize_pair
 
     try:
-        report = quantize_pair(args.models, data_dir=args.data_dir, cache_dir=args.cache_dir,
+        pair_dir = resolve_pair_args(args).pair_dir
+        report = quantize_pair(pair_dir, data_dir=args.data_dir, cache_dir=args.cache_dir,
                                n_calibration=args.calibration_slices, max_drop=args.max_drop,
                                write=not args.dry_run, work_dir=args.work_dir)
     except (DataError, ImportError) as exc:
@@ -49,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     kept = report["kept"]
     print(f"kept: {kept or 'nothing (no variant within the tolerance)'}"
-          + ("" if not kept or args.dry_run else f"; written into {args.models}"))
+          + ("" if not kept or args.dry_run else f"; written into {pair_dir}"))
     return 0

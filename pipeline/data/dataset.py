@@ -41,6 +41,23 @@ def _epoch_keys(seed: int, repeat: bool) -> tf.data.Dataset:
     return keys.map(lambda k: tf.bitwise.bitwise_and(k, tf.constant(_EPOCH_MASK, tf.int64)))
 
 
+def _checked_positions(arrays: SliceArrays, positions: Sequence[int] | np.ndarray, task: str,
+                       batch_size: int) -> np.ndarray:
+    """`positions` as int64 (N,) after checking them, `task` and `batch_size` (ValueError)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if positions.size == 0:
+        raise ValueError("positions is empty: no slices to feed")
+    if positions.min() < 0 or positions.max() >= len(arrays):
+        raise ValueError(
+            f"positions must lie in [0, {len(arrays)}), got {positions.min()}..{positions.max()}"
+        )
+    return positions
+
+
 def make_dataset(
     arrays: SliceArrays,
     positions: Sequence[int] | np.ndarray,
@@ -69,17 +86,7 @@ def make_dataset(
     the dataset infinite (use `steps_per_epoch`).
     The last batch may be smaller. Deterministic for a given `seed` (see module docstring).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-    if positions.size == 0:
-        raise ValueError("positions is empty: no slices to feed")
-    if positions.min() < 0 or positions.max() >= len(arrays):
-        raise ValueError(
-            f"positions must lie in [0, {len(arrays)}), got {positions.min()}..{positions.max()}"
-        )
+    positions = _checked_positions(arrays, positions, task, batch_size)
     params = augment_params or AugmentParams()
     height, width = (crop_size, crop_size) if crop_size else arrays.image_size
     images_np, masks_np = arrays.images, arrays.masks

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "read_array",
     "reader_for",
     "register_reader",
+    "slice_name",
 ]
 
 MASK_SUFFIX = "_mask"  # the dataset's ground-truth masks: TCGA_..._12_mask.tif
@@ -67,6 +68,22 @@ def patient_id_from_name(path: str | os.PathLike) -> str | None:
     """`patient_id` of the file name or, failing that, of its folder's name."""
     path = Path(path)
     return patient_id(path.name) or patient_id(path.parent.name)
+
+
+class SliceName(NamedTuple):
+    """A slice file stem read by `SLICE_PATTERN`: its study, its slice number, whether it is a mask."""
+
+    study: str
+    number: int
+    is_mask: bool
+
+
+def slice_name(stem: str) -> SliceName | None:
+    """The one study-from-slice-name rule: `<study>_<n>[_mask]` -> SliceName, else None."""
+    match = SLICE_PATTERN.match(stem)
+    if match is None:
+        return None
+    return SliceName(match["stem"][: -len(match["slice"]) - 1], int(match["slice"]), bool(match["mask"]))
 
 
 def is_mask_file(path: str | os.PathLike) -> bool:

@@ -16,9 +16,16 @@ import pandas as pd
 
 from pipeline.errors import DataError
 from pipeline.io_utils import atomic_write
+from pipeline.paths import MODELS_DIR, SPLITS_FILE, PairSource
 
 __all__ = [
+    "ALL",
+    "EVAL_SPLITS",
+    "SPLITS_FILE",
     "SPLIT_NAMES",
+    "pair_splits_file",
+    "require_split_file",
+    "select_positions",
     "make_splits",
     "save_splits",
     "load_splits",
@@ -33,6 +40,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+ALL = "all"  # every patient under a data root: needs no split file
+EVAL_SPLITS = (*reversed(SPLIT_NAMES), ALL)  # `evaluate --split`: test (the default), val, train, all
 SPLIT_COLUMNS = ["patient_id", "split"]
 
 
@@ -259,3 +268,51 @@ def split_table(index_df: pd.DataFrame, splits_df: pd.DataFrame) -> pd.DataFrame
             "tumour_patients": part.loc[part["has_tumor"], "patient_id"].nunique(),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+# --------------------------------------------------------------------------- a pair's split file
+
+
+def pair_splits_file(
+    splits: str | os.PathLike | None, source: PairSource, default_models: str | os.PathLike = MODELS_DIR
+) -> Path | None:
+    """The split file of a pair: `splits` if given, else the run's (then the pair's) `SPLITS_FILE`,
+    else `<default_models>/splits.csv` (the release's) when it exists, else None."""
+    if splits is not None:
+        return Path(splits)
+    for folder in (source.run_dir, source.pair_dir):
+        if folder is not None and (Path(folder) / SPLITS_FILE).is_file():
+            return Path(folder) / SPLITS_FILE
+    fallback = Path(default_models) / SPLITS_FILE
+    return fallback if fallback.is_file() else None
+
+
+def require_split_file(split: str, splits_path: str | os.PathLike | None) -> None:
+    """Raise DataError (with what to do) when `split` needs a split file and there is none."""
+    if split != ALL and (splits_path is None or not Path(splits_path).is_file()):
+        raise DataError(
+            f"no split file for --split {split}: pass --splits FILE, run `make index`/`make train`, "
+            f"or evaluate every patient with --split {ALL}",
+            [splits_path or MODELS_DIR / SPLITS_FILE],
+        )
+
+
+def select_positions(index_df: pd.DataFrame, split: str, splits_path: str | os.PathLike | None) -> np.ndarray:
+    """Row positions of `index_df` for `split`: every row for `split="all"`, else the split's patients.
+
+    `split="all"` needs no split file (patients the models never saw just work). Raises
+    DataError when the split file is missing or the split has no patient in this data root.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(EVAL_SPLITS)}")
+    if split == ALL:
+        return np.arange(len(index_df), dtype=np.int64)
+    require_split_file(split, splits_path)
+    positions = positions_for_split(index_df, load_splits(splits_path), split)
+    if len(positions) == 0:
+        raise DataError(
+            f"the {split} split of this split file has no patient in the data root "
+            f"{index_df.attrs.get('root', '?')}",
+            [splits_path],
+        )
+    return positions

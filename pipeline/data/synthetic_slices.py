@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TUMOUR_SHARE", "synthetic_slices"]
+__all__ = ["TUMOUR_SHARE", "probe_batch", "synthetic_slices"]
 
 TUMOUR_SHARE = 1 / 3  # about the share of tumour slices in the LGG dataset
 
@@ -35,3 +35,35 @@ def synthetic_slices(
         images.append(np.clip(image, 0, 255).astype(np.uint8))
     order = rng.permutation(n)
     return [images[i] for i in order], n_tumour
+
+
+def probe_batch(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
+    """Deterministic synthetic MRI-like slices -> uint8 (n, size, size, 3), file channel order.
+
+    The probe on which the float16-stored release is compared with the run's models
+    (`pipeline.models.release`). Each slice is a noisy head disc
+    (per-channel grey levels near those of the LGG FLAIR series); every other slice carries a
+    FLAIR-bright ellipse (a "tumour") of varying size. Contrast varies from slice to slice so the
+    models' outputs are spread out rather than all in one saturated corner.
+    """
+    if n < 1 or size < 8:
+        raise ValueError(f"probe batch needs n >= 1 and size >= 8, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    for i in range(n):
+        c = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
+        radius = rng.uniform(0.3, 0.45) * size
+        head = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2) < radius**2
+        scale = rng.uniform(0.6, 1.4)
+        image = np.zeros((size, size, 3), np.float32)
+        for ch, level in enumerate((70.0, 90.0, 80.0)):
+            image[..., ch] = head * (scale * level + rng.normal(0, 8, (size, size)))
+        if i % 2 == 1:
+            cy, cx = c + rng.uniform(-0.15, 0.15, 2) * size
+            ry, rx = rng.uniform(0.04, 0.15, 2) * size
+            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            image[blob, 1] += rng.uniform(60, 130)  # FLAIR hyperintensity
+            image[blob, 2] += rng.uniform(10, 50)
+        images[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return images

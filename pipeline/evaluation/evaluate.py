@@ -23,7 +23,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import __version__
-from pipeline.errors import DataError
+from pipeline.data.splits import (
+    ALL,
+    EVAL_SPLITS,
+    load_splits,
+    pair_splits_file,
+    require_split_file,
+    select_positions,
+)
 from pipeline.evaluation import figures
 from pipeline.evaluation.predictions import PipelineLike, SegmentFn, SlicePredictions, predict_slices
 from pipeline.evaluation.report import build_report, render_markdown
@@ -35,59 +42,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "evaluate", "evaluate_pipeline", "write_evaluation"]
 
-SPLITS_FILE = "splits.csv"
-SPLITS = ("test", "val", "train", "all")
-
-
-# --------------------------------------------------------------------------- choosing the models
 # Which pair: `pipeline.paths.resolve_pair` (`ModelSource` is its `PairSource`), the rule every
-# command shares: --models > --run > models/ > the latest run holding a pair.
-
-
-def resolve_splits_path(
-    splits: str | os.PathLike | None, source: ModelSource, default_models: str | os.PathLike = MODELS_DIR
-) -> Path | None:
-    """The split file: `splits` if given, else the run's (or pair's) copy, else `models/splits.csv`."""
-    if splits is not None:
-        return Path(splits)
-    for folder in (source.run_dir, source.pair_dir):
-        if folder is not None and (Path(folder) / SPLITS_FILE).is_file():
-            return Path(folder) / SPLITS_FILE
-    fallback = Path(default_models) / SPLITS_FILE
-    return fallback if fallback.is_file() else None
-
-
-def require_split_file(split: str, splits_path: Path | None) -> None:
-    """Raise DataError (with what to do) when `split` needs a split file and there is none."""
-    if split != "all" and (splits_path is None or not Path(splits_path).is_file()):
-        raise DataError(
-            f"no split file for --split {split}: pass --splits FILE, run `make index`/`make train`, "
-            "or evaluate every patient with --split all",
-            [splits_path or MODELS_DIR / SPLITS_FILE],
-        )
-
-
-def select_positions(index_df: pd.DataFrame, split: str, splits_path: Path | None) -> np.ndarray:
-    """Row positions of `index_df` to evaluate: every row for `split="all"`, else the split's patients.
-
-    `split="all"` needs no split file (patients the models never saw just work). Raises
-    DataError when the split file is missing or the split has no patient in this data root.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    if split == "all":
-        return np.arange(len(index_df), dtype=np.int64)
-    from pipeline.data.splits import load_splits, positions_for_split
-
-    require_split_file(split, splits_path)
-    positions = positions_for_split(index_df, load_splits(splits_path), split)
-    if len(positions) == 0:
-        raise DataError(
-            f"the {split} split of this split file has no patient in the data root "
-            f"{index_df.attrs.get('root', '?')}",
-            [splits_path],
-        )
-    return positions
+# command shares: --models > --run > models/ > the latest run holding a pair. Which split file and
+# which rows: `pipeline.data.splits` (`pair_splits_file`, `select_positions`).
 
 
 # --------------------------------------------------------------------------- writing a report
@@ -216,20 +173,21 @@ def model_files_provenance(pair_dir: Path, artifact: Any) -> dict[str, str]:
 
 def _split_patients_missing(index_df: pd.DataFrame, split: str, splits_path: Path | None) -> list[str]:
     """Patients the split file puts in `split` that the data root does not hold (reported, not fatal)."""
-    if split == "all" or splits_path is None:
+    if split == ALL or splits_path is None:
         return []
-    from pipeline.data.splits import load_splits
-
     splits = load_splits(splits_path)
     listed = set(splits.loc[splits["split"] == split, "patient_id"])
     return sorted(listed - set(index_df["patient_id"]))
 
 
 def _from_scratch(weights: Any) -> bool | None:
-    """Whether a backbone-weights label means random initialisation (None when unknown)."""
+    """Whether a backbone-weights label means random initialisation (`backbone_weights.from_scratch`;
+    None when the pair records none)."""
     if weights is None:
         return None
-    return str(weights).strip().lower() in ("none", "random", "scratch")
+    from pipeline.models.backbone_weights import from_scratch
+
+    return from_scratch(weights)
 
 
 def default_out_dir(source: ModelSource, split: str) -> Path:
@@ -270,21 +228,64 @@ def evaluate(
     Returns the `EvaluationResult` with the paths written under `out_dir` (default
     `<run or models dir>/evaluation/<split>/`).
     """
-    from pipeline.data.array_cache import load_arrays
-    from pipeline.data.index import index_dataset
     from pipeline.inference.tumor_pipeline import TumorPipeline
     from pipeline.models.pair_artifact import read_pair_meta
     from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(EVAL_SPLITS)}")
     source = resolve_pair(models, run, runs_dir=runs_dir, default_models=default_models)
     artifact = read_pair_meta(source.pair_dir, allow_unverified=allow_unverified)  # fail fast
-    splits_path = resolve_splits_path(splits, source, default_models) if split != "all" else None
+    splits_path = pair_splits_file(splits, source, default_models) if split != ALL else None
     root = resolve_data_dir(data_dir)
-    cache = resolve_cache_dir(cache_dir)
-
     require_split_file(split, splits_path)  # before indexing: fail fast
+    data = _patients(root, resolve_cache_dir(cache_dir), split, splits_path, skip_bad, progress)
+
+    # The product's own loader: the operating point comes from the validated pipeline.json.
+    pipeline = TumorPipeline.from_dir(
+        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size,
+        backend=backend, precision=precision,
+    )
+    provenance = {
+        "models_dir": str(source.pair_dir),
+        "run_dir": str(source.run_dir) if source.run_dir else None,
+        "model_files_sha256": model_files_provenance(source.pair_dir, artifact),
+        "data_root": str(root),
+        "split": split,
+        "split_file": str(splits_path) if splits_path else None,
+        "split_patients_missing_from_data": data.missing,
+        **_run_provenance(data.rows, pipeline, artifact, threshold_given=threshold is not None),
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, split)
+    log.info("evaluating %s on %d slices of %d patients -> %s", source.pair_dir, len(data.rows),
+             provenance["n_patients"], out)
+    return evaluate_pipeline(
+        pipeline, pipeline.segment_only, data.rows, data.images, data.masks, out,
+        threshold=pipeline.point.threshold, batch_size=batch_size, n_boot=n_boot, seed=seed,
+        provenance=provenance, progress=progress, volume_ids=data.rows["case"].to_numpy(),
+        min_volume_px=pipeline.point.min_volume_px,
+    )
+
+
+@dataclass
+class _Patients:
+    """The slices of the patients evaluated: index rows, images, masks (aligned), and the split's
+    patients missing from the data root."""
+
+    rows: pd.DataFrame
+    images: np.ndarray
+    masks: np.ndarray
+    missing: list[str]
+
+
+def _patients(root: Path, cache: Path, split: str, splits_path: Path | None, skip_bad: bool,
+              progress: bool) -> _Patients:
+    """Index `root`, pick the rows of `split` and decode them (the array cache)."""
+    from pipeline.data.array_cache import load_arrays
+    from pipeline.data.index import index_dataset
+
     index_df = index_dataset(root, cache_dir=cache, skip_bad=skip_bad, progress=progress)
     positions = select_positions(index_df, split, splits_path)
     missing = _split_patients_missing(index_df, split, splits_path)
@@ -293,35 +294,21 @@ def evaluate(
     arrays = load_arrays(index_df, cache, progress=progress)
     rows = index_df.iloc[positions].reset_index(drop=True)
     if len(positions) == len(index_df):
-        images, masks = arrays.images, arrays.masks  # every row: keep the memmaps, no copy
-    else:
-        images, masks = np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions])
+        return _Patients(rows, arrays.images, arrays.masks, missing)  # every row: the memmaps, no copy
+    return _Patients(rows, np.asarray(arrays.images[positions]), np.asarray(arrays.masks[positions]), missing)
 
-    # The product's own loader: the operating point comes from the validated pipeline.json.
-    pipeline = TumorPipeline.from_dir(
-        source.pair_dir, allow_unverified=allow_unverified, threshold=threshold, batch_size=batch_size,
-        backend=backend, precision=precision,
-    )
-    chosen = pipeline.threshold
-    provenance = {
-        "models_dir": str(source.pair_dir),
-        "run_dir": str(source.run_dir) if source.run_dir else None,
-        "model_files_sha256": model_files_provenance(source.pair_dir, artifact),
-        "data_root": str(root),
-        "split": split,
-        "split_file": str(splits_path) if splits_path else None,
-        "split_patients_missing_from_data": missing,
+
+def _run_provenance(rows: pd.DataFrame, pipeline: Any, artifact: Any, *, threshold_given: bool) -> dict:
+    """The provenance of what ran: counts, the operating point applied (whole), tile size, backend,
+    the backbone and the models' dates, the date and version."""
+    point = pipeline.point.to_json()
+    return {
         "n_patients": int(rows["patient_id"].nunique()),
         "n_slices": int(len(rows)),
         "n_tumor_slices": int(rows["has_tumor"].sum()),
-        "threshold": chosen,
-        "threshold_source": (
-            "--threshold" if threshold is not None else "pipeline.json (written by make train)"
-        ),
-        "seg_threshold": pipeline.seg_threshold,
-        "min_component_px": pipeline.min_component_px,
-        "min_volume_px": pipeline.min_volume_px,
-        "neighbour_weight": pipeline.neighbour_weight,
+        "threshold": point.pop("threshold"),
+        "threshold_source": "--threshold" if threshold_given else "pipeline.json (written by make train)",
+        **point,
         "volume_route": "per patient study (predict_volume: volume-aware gate, 3D components)",
         "tile_size": pipeline.tile_size,
         **pipeline.backend_info,
@@ -335,30 +322,4 @@ def evaluate(
         "models_created": artifact.extra.get("created"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "pipeline_version": __version__,
-        "n_boot": n_boot,
-        "seed": seed,
     }
-    out = Path(out_dir) if out_dir is not None else default_out_dir(source, split)
-    log.info(
-        "evaluating %s on %d slices of %d patients -> %s",
-        source.pair_dir,
-        len(rows),
-        provenance["n_patients"],
-        out,
-    )
-    return evaluate_pipeline(
-        pipeline,
-        pipeline.segment_only,
-        rows,
-        images,
-        masks,
-        out,
-        threshold=chosen,
-        batch_size=batch_size,
-        n_boot=n_boot,
-        seed=seed,
-        provenance=provenance,
-        progress=progress,
-        volume_ids=rows["case"].to_numpy(),
-        min_volume_px=pipeline.min_volume_px,
-    )

@@ -400,14 +400,13 @@ def choose_split(index_df: pd.DataFrame, models: Any) -> EvaluationSplit:
     """The test patients of the models' split file when it has some under this data root, else all
     patients (no split file, or one written for another data root, e.g. the synthetic test set).
 
-    The split file is looked up as `make evaluate` does (`resolve_splits_path`): the run's copy,
-    the pair's, then `models/splits.csv`.
+    The split file is looked up as `make evaluate` does (`pipeline.data.splits.pair_splits_file`):
+    the run's copy, the pair's, then `models/splits.csv`.
     """
-    from pipeline.data.splits import load_splits
-    from pipeline.evaluation.evaluate import resolve_splits_path
+    from pipeline.data.splits import load_splits, pair_splits_file
 
     n_all = index_df["patient_id"].nunique()
-    path = resolve_splits_path(None, models)
+    path = pair_splits_file(None, models)
     if path is None:
         return EvaluationSplit("all", None, f"no split file: evaluating all {n_all} patients")
     splits = load_splits(path)

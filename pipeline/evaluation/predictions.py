@@ -27,14 +27,6 @@ from tqdm.auto import tqdm
 from pipeline.postprocessing import remove_small_volumes, volume_spans
 
 
-class SliceResultLike(Protocol):
-    """What the evaluation reads from one `TumorPipeline` result."""
-
-    probability: float
-    is_tumor: bool
-    mask: np.ndarray
-
-
 class PipelineLike(Protocol):
     """The part of `pipeline.inference.TumorPipeline` the evaluation uses."""
 

@@ -427,11 +427,6 @@ def render_markdown(
     """Human-readable report: headline table with CIs, then one section per kind of number."""
     prov = report["provenance"]
     clf = report["classifier"]
-    seg = report["segmenter_tumor_slices"]
-    pdice = report["patient_dice"]
-    errors = report["pipeline_errors"]
-    ci = report["confidence_intervals"]
-    level = int(round(100 * ci["level"]))
     out: list[str] = ["# Evaluation report", ""]
     out += [
         f"Split **{prov.get('split', '?')}**: {prov.get('n_patients', '?')} patients, "
@@ -439,10 +434,32 @@ def render_markdown(
         f"models `{prov.get('models_dir', '?')}`; classifier threshold {_fmt(clf['threshold'], 3)}.",
         "",
     ]
+    out += _md_headline(report)
+    out += _md_classifier(clf)
+    out += _md_segmenter(report["segmenter_tumor_slices"])
+    out += _md_patient_dice(report["patient_dice"])
+    out += _md_errors(report["pipeline_errors"], max_listed)
+    out += _md_confidence(report["confidence_intervals"])
+    out += _md_empty_masks(report)
+    out += ["## 7. Provenance", ""]
+    out += _table(["item", "value"], [[k, _provenance_value(v)] for k, v in prov.items()])
+    out.append("")
+    if figures:
+        out += ["## Figures", ""]
+        out += [f"![{name}]({path})" for name, path in figures.items()]
+        out.append("")
+    return "\n".join(out)
 
-    out += ["## Headline", ""]
+
+def _level(ci: Mapping[str, Any]) -> int:
+    return int(round(100 * ci["level"]))
+
+
+def _md_headline(report: Mapping[str, Any]) -> list[str]:
+    ci = report["confidence_intervals"]
+    out = ["## Headline", ""]
     out += _table(
-        ["metric", "value", f"{level}% CI"],
+        ["metric", "value", f"{_level(ci)}% CI"],
         [
             [
                 r["metric"],
@@ -459,32 +476,22 @@ def render_markdown(
         f"CIs: {ci['method']}, {ci['n_boot']} resamples of {ci['n_patients']} patients, seed {ci['seed']}.",
         "",
     ]
+    return out
 
-    out += [
+
+_CLASSIFIER_ROWS = ("n", "n_positive", "n_negative", "accuracy", "sensitivity", "specificity", "precision",
+                    "f1", "roc_auc", "pr_auc")
+
+
+def _md_classifier(clf: Mapping[str, Any]) -> list[str]:
+    out = [
         "## 1. Classifier (stage 1), slice level",
         "",
         f"A slice counts as predicted tumour when {clf['positive_rule']}; threshold "
         f"{_fmt(clf['threshold'], 3)}. ROC-AUC and PR-AUC use the probabilities.",
         "",
     ]
-    out += _table(
-        ["metric", "value"],
-        [
-            [k, clf[k]]
-            for k in (
-                "n",
-                "n_positive",
-                "n_negative",
-                "accuracy",
-                "sensitivity",
-                "specificity",
-                "precision",
-                "f1",
-                "roc_auc",
-                "pr_auc",
-            )
-        ],
-    )
+    out += _table(["metric", "value"], [[k, clf[k]] for k in _CLASSIFIER_ROWS])
     out += ["", "Confusion matrix (rows: ground truth, columns: prediction):", ""]
     out += _table(
         ["", "predicted no tumour", "predicted tumour"],
@@ -493,8 +500,11 @@ def render_markdown(
     for note in clf.get("notes", []):
         out.append(f"\n_Note: {note}_")
     out.append("")
+    return out
 
-    out += [
+
+def _md_segmenter(seg: Mapping[str, Any]) -> list[str]:
+    out = [
         "## 2. Segmenter alone on tumour slices (per-slice scores)",
         "",
         f"{seg['description']}; {seg['n_slices']} tumour slices, "
@@ -509,8 +519,15 @@ def render_markdown(
         ],
     )
     out.append("")
+    return out
 
-    out += [
+
+_PATIENT_COLUMNS = ("patient", "slices", "tumour slices", "GT px", "end-to-end Dice", "segmenter-alone Dice",
+                    "e2e FP px", "e2e FN px")
+
+
+def _md_patient_dice(pdice: Mapping[str, Any]) -> list[str]:
+    out = [
         "## 3. Per-patient volume Dice",
         "",
         "TP/FP/FN summed over all slices of a patient, one Dice per patient "
@@ -533,34 +550,20 @@ def render_markdown(
         key=lambda p: (p["end_to_end"]["dice"] is None, p["end_to_end"]["dice"] or 0.0, p["patient_id"]),
     )
     out += _table(
+        list(_PATIENT_COLUMNS),
         [
-            "patient",
-            "slices",
-            "tumour slices",
-            "GT px",
-            "end-to-end Dice",
-            "segmenter-alone Dice",
-            "e2e FP px",
-            "e2e FN px",
-        ],
-        [
-            [
-                p["patient_id"],
-                p["n_slices"],
-                p["n_tumor_slices"],
-                p["gt_pixels"],
-                p["end_to_end"]["dice"],
-                p["segmenter_alone"]["dice"],
-                p["end_to_end"]["fp"],
-                p["end_to_end"]["fn"],
-            ]
+            [p["patient_id"], p["n_slices"], p["n_tumor_slices"], p["gt_pixels"], p["end_to_end"]["dice"],
+             p["segmenter_alone"]["dice"], p["end_to_end"]["fp"], p["end_to_end"]["fn"]]
             for p in ordered
         ],
     )
     out.append("")
+    return out
 
+
+def _md_errors(errors: Mapping[str, Any], max_listed: int) -> list[str]:
     fp, fn = errors["false_positives"], errors["false_negatives"]
-    out += [
+    out = [
         "## 4. End-to-end pipeline slice errors",
         "",
         errors["definition"] + ".",
@@ -577,8 +580,11 @@ def render_markdown(
     out += ["", "### False negatives", ""]
     out += _slice_list(fn["slices"], max_listed, extra="cause")
     out.append("")
+    return out
 
-    out += [f"## 5. {level}% bootstrap confidence intervals", ""]
+
+def _md_confidence(ci: Mapping[str, Any]) -> list[str]:
+    out = [f"## 5. {_level(ci)}% bootstrap confidence intervals", ""]
     out += _table(
         ["number", "estimate", "low", "high"],
         [[k, v["estimate"], v["low"], v["high"]] for k, v in ci.items() if isinstance(v, dict)],
@@ -589,8 +595,12 @@ def render_markdown(
         "numbers are recomputed over all slices of the drawn patients.",
         "",
     ]
+    return out
 
-    out += ["## 6. Empty-mask convention", "", report["empty_mask_convention"]["text"], ""]
+
+def _md_empty_masks(report: Mapping[str, Any]) -> list[str]:
+    pdice = report["patient_dice"]
+    out = ["## 6. Empty-mask convention", "", report["empty_mask_convention"]["text"], ""]
     for name, key in (("End-to-end", "end_to_end"), ("Segmenter alone", "segmenter_alone")):
         cases = pdice[key]["empty_cases"]
         out.append(
@@ -599,16 +609,7 @@ def render_markdown(
             f"(scored 0.0); {cases['n_missed_gt']} patient(s) with tumour but no predicted pixel (0.0)."
         )
     out.append("")
-
-    out += ["## 7. Provenance", ""]
-    out += _table(["item", "value"], [[k, _provenance_value(v)] for k, v in prov.items()])
-    out.append("")
-
-    if figures:
-        out += ["## Figures", ""]
-        out += [f"![{name}]({path})" for name, path in figures.items()]
-        out.append("")
-    return "\n".join(out)
+    return out
 
 
 def _provenance_value(value: Any) -> str:

@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.data.readers import SLICE_PATTERN
+from pipeline.data.readers import slice_name
 from pipeline.errors import DataError
 from pipeline.inference.image_loading import expand_inputs, load_slice, patient_id_from_name
 from pipeline.inference.overlays import PREDICTION_COLOR, encode_png, heatmap_overlay, overlay
@@ -100,7 +100,6 @@ __all__ = [
     "output_name",
     "output_names",
     "patient_summary",
-    "resolve_models_dir",
     "run_diagnosis",
     "study_patient_row",
     "text",
@@ -183,14 +182,6 @@ class DiagnosisResult:
         return 1 if self.n_failed else 0
 
 
-# --------------------------------------------------------------------------- models
-
-
-def resolve_models_dir(flag: str | os.PathLike | None = None) -> Path:
-    """The pair directory `pipeline.paths.resolve_pair(models=flag)` picks (for `pipeline.benchmarks`)."""
-    return resolve_pair(models=flag).pair_dir
-
-
 # --------------------------------------------------------------------------- names and paths
 
 
@@ -201,11 +192,16 @@ def text(value: str) -> str:
     return _CONTROL.sub(" ", _TERMINAL_ESCAPE.sub("", escaped)).strip()
 
 
+def safe_stem(value: str, fallback: str) -> str:
+    """`value` as a file-name stem: `text`, runs of other than word characters, `.` and `-` as
+    one `_`, no leading or trailing `.`/`_`; `fallback` when nothing is left."""
+    return re.sub(r"[^\w.-]+", "_", text(value)).strip("._") or fallback
+
+
 def output_name(path: Path) -> str:
     """Output base name of an input: `<stem>__<hash of its absolute path>` (module docstring)."""
     digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
-    stem = re.sub(r"[^\w.-]+", "_", text(Path(path).stem)).strip("._") or "slice"
-    return f"{stem}__{digest}"
+    return f"{safe_stem(Path(path).stem, 'slice')}__{digest}"
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
@@ -523,10 +519,9 @@ def group_volumes(paths: Sequence[Path]) -> list[list[Path]]:
     `MIN_VOLUME_SLICES`, sorted by n) and single slices, each single a unit of its own."""
     studies: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
     for p in paths:
-        match = SLICE_PATTERN.match(p.stem)
-        if match is not None and not match["mask"]:
-            study = match["stem"][: -len(match["slice"]) - 1]
-            studies.setdefault((p.parent, study), []).append((int(match["slice"]), p))
+        name = slice_name(p.stem)
+        if name is not None and not name.is_mask:
+            studies.setdefault((p.parent, name.study), []).append((name.number, p))
     volume_of: dict[Path, tuple[Path, str]] = {}
     for key, members in studies.items():
         if len(members) >= MIN_VOLUME_SLICES:
@@ -627,8 +622,7 @@ class StudyInput:
         from pipeline.volumes.readers import study_name
 
         digest = output_name(self.path if self.channels is None else Path(self.key)).rsplit("__", 1)[1]
-        stem = re.sub(r"[^\w.-]+", "_", text(study_name(self.path))).strip("._") or "study"
-        return f"{stem}__{digest}"
+        return f"{safe_stem(study_name(self.path), 'study')}__{digest}"
 
     def load(self) -> Any:
         from pipeline.volumes.readers import read_trio, read_volume
@@ -942,22 +936,15 @@ def run_diagnosis(
         )
         models_label = text(str(safe_resolve(source)))
     else:
-        if threshold is not None:
-            pipeline.threshold = float(threshold)
-        if min_component_px is not None:
-            pipeline.min_component_px = int(min_component_px)
+        pipeline.point = pipeline.point.replace(threshold=threshold, min_component_px=min_component_px)
         models_label = text(str(models_dir)) if models_dir else "(pipeline given by the caller)"
     settings = {
         "models": models_label,
-        "threshold": float(pipeline.threshold),
-        "seg_threshold": float(getattr(pipeline, "seg_threshold", 0.5)),
-        "min_component_px": int(getattr(pipeline, "min_component_px", 0)),
-        "min_volume_px": int(getattr(pipeline, "min_volume_px", 0)),
-        "neighbour_weight": float(getattr(pipeline, "neighbour_weight", 0.0)),
+        **pipeline.point.to_json(),  # the operating point applied, whole
         "volumes": bool(volumes) and hasattr(pipeline, "predict_volume"),
-        "tile_size": int(getattr(pipeline, "tile_size", 0)),
+        "tile_size": int(pipeline.tile_size),
         "explain": bool(explain),
-        "backend": str(getattr(pipeline, "backend_name", "keras")),
+        "backend": str(pipeline.backend_name),
         "volume_domain": "axial PLS, 256x256 padded, uint8 as stored else min..max per channel",
     }
 

@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.inference.backends import AUTO, BackendError, make_runner, resolve_backend
+from pipeline.inference.backends import AUTO, KERAS, BackendError, backend, make_runner, resolve_backend
 from pipeline.inference.tiling import predict_tiled
 from pipeline.postprocessing import (
     CONNECTIVITY_2D,
-    PostprocessParams,
+    OperatingPoint,
     clean_volume,
     gate,
     postprocess_mask,
@@ -67,6 +67,13 @@ log = logging.getLogger(__name__)
 BRAIN_THRESHOLD = 10  # FLAIR grey level above which a pixel counts as brain (background is ~0)
 CONNECTIVITY = CONNECTIVITY_2D  # 8-connectivity: diagonal neighbours belong to one component
 MAX_BATCH_PIXELS = 16 * 512 * 512  # caps a classifier batch of large slices (~50 MB of float32 input)
+DEFAULT_TILE_SIZE = 256  # the dataset's slice side, the segmenter's native input
+DEFAULT_BATCH_SIZE = 16
+
+
+def _takes_int8(name: str) -> bool:
+    """Whether the backend `name` (`auto` resolved) runs a pair's INT8 IRs."""
+    return backend(resolve_backend(name)).takes_int8
 
 
 @dataclass
@@ -215,11 +222,10 @@ class TumorPipeline:
 
     classifier: Keras model, raw (B, H, W, 3) 0..255 -> (B, 1) tumour probability.
     segmenter: Keras model, raw (B, t, t, 3) 0..255 -> (B, t, t, 1) mask probability.
-    threshold: classifier probability at or above which a slice is flagged and segmented.
-    seg_threshold: mask probability above which a pixel is tumour.
-    min_component_px: drop predicted tumour regions smaller than this (0 keeps all).
-    min_volume_px: `predict_volume` only: drop 3D regions smaller than this many voxels.
-    neighbour_weight: `predict_volume` only: the volume-aware gate's weight (0: off).
+    point: the operating point (`pipeline.postprocessing.OperatingPoint`: threshold, seg_threshold,
+        min_component_px, and for `predict_volume` min_volume_px and neighbour_weight); its fields
+        may also be given as keywords (`threshold=0.4`), applied over `point`, and read or set as
+        attributes (`pipe.threshold`; setting one replaces `point` with a validated copy).
     tile_size: the segmenter's native input side (the training slice size, 256); other sizes
         are tiled (`predict_tiled`).
     batch_size: slices (or tiles) per model call.
@@ -228,42 +234,48 @@ class TumorPipeline:
     precision: OpenVINO's precision hint, `auto`, `f32` or `bf16` (ignored by Keras).
     model_sha256: {"classifier": ..., "segmenter": ...} sha256 of the model files, the OpenVINO
         cache key (`from_dir` passes the pair's); without it the models' weights are hashed.
-    int8_xml: {"classifier": path, ...} INT8 IRs the pair ships (`backends.int8`; `from_dir`
-        finds them), used by OpenVINO under `precision="auto"`.
+    int8_xml: {"classifier": path, ...} INT8 IRs the pair ships (`pair_artifact.int8_irs`;
+        `from_dir` finds them), used by OpenVINO under `precision="auto"`.
     """
 
     def __init__(
         self,
         classifier: Any,
         segmenter: Any,
-        threshold: float = 0.5,
-        seg_threshold: float = 0.5,
-        min_component_px: int = 0,
-        tile_size: int = 256,
-        batch_size: int = 16,
+        point: OperatingPoint | None = None,
+        *,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         tile_overlap: float = 0.25,
-        min_volume_px: int = 0,
-        neighbour_weight: float = 0.0,
-        backend: str = "keras",
+        backend: str = KERAS,
         precision: str = AUTO,
         model_sha256: dict[str, str] | None = None,
         int8_xml: dict[str, Any] | None = None,
+        **point_fields: Any,
     ) -> None:
         if batch_size < 1 or tile_size < 1:
             raise ValueError(f"batch_size and tile_size must be >= 1, got {batch_size} and {tile_size}")
         self.classifier = classifier
         self.segmenter = segmenter
-        self.threshold = float(threshold)
-        self.seg_threshold = float(seg_threshold)
-        self.min_component_px = int(min_component_px)
+        self.point = (point or OperatingPoint()).replace(**point_fields)  # validated (ValueError)
         self.tile_size = int(tile_size)
         self.batch_size = int(batch_size)
         self.tile_overlap = float(tile_overlap)
-        self.min_volume_px = int(min_volume_px)
-        self.neighbour_weight = float(neighbour_weight)
         self.meta: Any = None
-        _ = self.params  # validates the operating point now (ValueError naming the value)
         self._use_backend(backend, precision, model_sha256 or {}, int8_xml or {})
+
+    def __getattr__(self, name: str) -> Any:
+        # called only when normal lookup fails: the operating point's fields read through
+        point = self.__dict__.get("point")
+        if point is not None and name in OperatingPoint.names():
+            return getattr(point, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in OperatingPoint.names():
+            self.point = self.point.replace(**{name: value})
+        else:
+            super().__setattr__(name, value)
 
     def _use_backend(self, backend: str, precision: str, sha256: dict[str, str],
                      int8: dict[str, Any]) -> None:
@@ -276,7 +288,7 @@ class TumorPipeline:
             if backend != AUTO:
                 raise
             log.warning("backend auto: %s; using keras", exc)
-            runners = [make_runner(model, "keras") for model in (self.classifier, self.segmenter)]
+            runners = [make_runner(model, KERAS) for model in (self.classifier, self.segmenter)]
         self.classifier_runner, self.segmenter_runner = runners
         self.backend_name = self.classifier_runner.name
 
@@ -290,14 +302,47 @@ class TumorPipeline:
         }
 
     @property
-    def params(self) -> PostprocessParams:
-        """The operating point as `PostprocessParams`, from the current attributes (which callers
-        such as `run_diagnosis` may override after construction)."""
-        return PostprocessParams(
-            threshold=self.threshold, seg_threshold=self.seg_threshold,
-            min_component_px=self.min_component_px, min_volume_px=self.min_volume_px,
-            neighbour_weight=self.neighbour_weight,
-        )
+    def params(self) -> OperatingPoint:
+        """The operating point (`point`; the former name)."""
+        return self.point
+
+    def settings(self) -> dict[str, Any]:
+        """What the pipeline applies, for reports: the operating point's fields and `tile_size`."""
+        return {**self.point.to_json(), "tile_size": self.tile_size}
+
+    @classmethod
+    def from_pair(
+        cls,
+        pair: Any,
+        pair_dir: str | os.PathLike | None = None,
+        *,
+        point: OperatingPoint | None = None,
+        backend: str = KERAS,
+        **options: Any,
+    ) -> TumorPipeline:
+        """The pipeline of a loaded `model_io.ModelPair`, its operating point and tile size from the
+        pair's validated `PairArtifact` (`point` replaces the operating point when given).
+
+        `pair_dir` (where the pair's files are) lets a backend that takes INT8 IRs use the ones the
+        pair ships (`pair_artifact.int8_irs`). `options`: the constructor's other keywords
+        (`batch_size`, `precision`, `model_sha256`, ...) and operating-point fields to override;
+        None values are ignored. The pair's model sums key the OpenVINO cache.
+        """
+        from pipeline.models.pair_artifact import INT8_KEY, PairArtifact, int8_irs, model_sums
+
+        artifact = getattr(pair, "artifact", None)
+        if artifact is None:  # a pair assembled in memory: no files to verify
+            artifact = PairArtifact.from_dict(pair.meta, allow_unverified=True)
+        settings: dict[str, Any] = {**artifact.pipeline_settings(), "backend": backend}
+        if point is not None:
+            settings["point"] = point
+        settings.update({k: v for k, v in options.items() if v is not None})
+        settings.setdefault("model_sha256", model_sums(artifact.sha256))
+        if pair_dir is not None and pair.meta.get(INT8_KEY) and _takes_int8(backend):
+            settings.setdefault("int8_xml", int8_irs(pair_dir, pair.meta, settings["model_sha256"]))
+        pipeline = cls(pair.classifier, pair.segmenter, **settings)
+        pipeline.meta = pair.meta
+        return pipeline
 
     @classmethod
     def from_dir(
@@ -306,35 +351,15 @@ class TumorPipeline:
         """Load a saved model pair (`pipeline.models.model_io.load_pair`) with its operating point.
 
         The operating point and `tile_size` come from the pair's validated `pipeline.json`
-        (`pipeline.models.pair_artifact.PairArtifact.pipeline_settings`); the models keep the
-        dtype policy they were saved with. `allow_unverified`: load a pair whose `pipeline.json`
-        records no sha256 of its model files (refused otherwise; see `load_pair`).
-
-        `overrides` (e.g. `threshold=0.4`, `batch_size=32`, `backend="openvino"`) win over the
-        saved values; None is ignored. The pair's recorded sha256 sums key the OpenVINO cache.
+        (`PairArtifact.pipeline_settings`); the models keep the dtype policy they were saved with.
+        `allow_unverified`: load a pair whose `pipeline.json` records no sha256 of its model files
+        (refused otherwise; see `load_pair`). `overrides` (e.g. `threshold=0.4`, `batch_size=32`,
+        `backend="openvino"`) win over the saved values; None is ignored (`from_pair`).
         """
         from pipeline.models import model_io
-        from pipeline.models.pair_artifact import PairArtifact
 
-        if allow_unverified:
-            pair = model_io.load_pair(path, allow_unverified=True)
-        else:
-            pair = model_io.load_pair(path)
-        artifact = getattr(pair, "artifact", None)
-        if artifact is None:  # a pair assembled in memory: no files to verify
-            artifact = PairArtifact.from_dict(pair.meta, allow_unverified=True)
-        settings = artifact.pipeline_settings()
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        from pipeline.models.pair_artifact import model_sums
-
-        settings.setdefault("model_sha256", model_sums(artifact.sha256))
-        if settings.get("backend", "keras") != "keras" and pair.meta.get("openvino_int8"):
-            from pipeline.inference.backends.int8 import int8_irs
-
-            settings.setdefault("int8_xml", int8_irs(path, pair.meta, settings["model_sha256"]))
-        pipeline = cls(pair.classifier, pair.segmenter, **settings)
-        pipeline.meta = pair.meta
-        return pipeline
+        pair = model_io.load_pair(path, allow_unverified=allow_unverified)
+        return cls.from_pair(pair, path, **overrides)
 
     # ------------------------------------------------------------------ stages
 
@@ -390,7 +415,7 @@ class TumorPipeline:
         The segmenter-alone baseline of the evaluation: the same as `predict` minus the gate.
         """
         return [
-            postprocess_mask(p, self.seg_threshold, self.min_component_px)
+            postprocess_mask(p, self.point.seg_threshold, self.point.min_component_px)
             for p in self.segment_probabilities(images)
         ]
 
@@ -405,10 +430,10 @@ class TumorPipeline:
         if not images:
             return []
         probabilities = self.classify(images)
-        flagged = np.flatnonzero(gate(probabilities, self.threshold))
+        flagged = np.flatnonzero(gate(probabilities, self.point.threshold))
         masks = self._segment_flagged(images, flagged)
         return [
-            measure(image, masks[i], probabilities[i], bool(gate(probabilities[i], self.threshold)))
+            measure(image, masks[i], probabilities[i], bool(gate(probabilities[i], self.point.threshold)))
             for i, image in enumerate(images)
         ]
 
@@ -434,10 +459,9 @@ class TumorPipeline:
         if len({image.shape[:2] for image in images}) != 1:
             raise ValueError("predict_volume needs slices of one size (one patient's study)")
         probabilities = self.classify(images)
-        params = self.params
-        _, flagged = volume_gate(probabilities, params)
+        _, flagged = volume_gate(probabilities, self.point)
         masks = np.stack(self._segment_flagged(images, np.flatnonzero(flagged)))
-        masks = clean_volume(masks, flagged, params)
+        masks = clean_volume(masks, flagged, self.point)
         return [
             measure(image, masks[i], probabilities[i], bool(flagged[i])) for i, image in enumerate(images)
         ]
@@ -447,9 +471,5 @@ class TumorPipeline:
         return self.predict([image])[0]
 
     def __repr__(self) -> str:
-        return (
-            f"TumorPipeline(threshold={self.threshold}, seg_threshold={self.seg_threshold}, "
-            f"min_component_px={self.min_component_px}, min_volume_px={self.min_volume_px}, "
-            f"neighbour_weight={self.neighbour_weight}, tile_size={self.tile_size}, "
-            f"batch_size={self.batch_size}, backend={self.backend_name!r})"
-        )
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"TumorPipeline({fields}, batch_size={self.batch_size}, backend={self.backend_name!r})"

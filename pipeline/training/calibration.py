@@ -37,7 +37,7 @@ from pipeline.inference.tumor_pipeline import TumorPipeline
 from pipeline.metrics import dice_from_counts
 from pipeline.postprocessing import (
     CONNECTIVITY_3D,
-    PostprocessParams,
+    OperatingPoint,
     gate,
     postprocess_mask,
     volume_gate,
@@ -53,7 +53,7 @@ EMPTY = "one"
 class CalibrationResult:
     """The chosen operating point and the validation numbers behind it."""
 
-    params: PostprocessParams
+    params: OperatingPoint
     val_patient_dice: float  # end-to-end mean per-patient Dice at the chosen point
     segmenter_only_patient_dice: float  # every slice segmented, no gating, same post-processing
     classifier: dict[str, Any]
@@ -141,7 +141,7 @@ def volume_grid(
         points = [(None, 0.0)] + [(float(t), float(w)) for w in sorted(set(neighbour_weights))
                                   for t in sorted(set(thresholds))]
         for t, w in points:
-            params = None if t is None else PostprocessParams(threshold=t, neighbour_weight=w)
+            params = None if t is None else OperatingPoint(threshold=t, neighbour_weight=w)
             per_vol = np.zeros((len(vols), len(spans), 3))  # tp, fp, fn
             flagged_total = 0
             for p_i, idx in enumerate(spans):
@@ -237,7 +237,7 @@ def calibrate_from_predictions(
     grid = volume_grid(probs, masks_by_min_px, gt_masks, volume_ids, thresholds, neighbour_weights,
                        min_volume_px)
     best = choose_point(grid)
-    params = PostprocessParams(
+    params = OperatingPoint(
         threshold=float(best["threshold"]), seg_threshold=float(seg_threshold),
         min_component_px=int(best["min_component_px"]), min_volume_px=int(best["min_volume_px"]),
         neighbour_weight=float(best["neighbour_weight"]),

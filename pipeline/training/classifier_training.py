@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from pipeline.data.augment import AugmentParams
 from pipeline.data.dataset import class_weights, make_dataset
+from pipeline.models.backbone_weights import from_scratch
 from pipeline.models.model_io import load_model, save_model
 from pipeline.models.resnet_classifier import build_classifier, set_backbone_trainable
 from pipeline.training import callbacks as cb
@@ -120,7 +121,7 @@ def _class_weight(cfg: Config, data: TrainingData) -> dict[int, float] | None:
 
 
 def _from_scratch(cfg: Config) -> bool:
-    return str(cfg.classifier.weights).strip().lower() == "none"
+    return from_scratch(cfg.classifier.weights)
 
 
 def _build(cfg: Config) -> keras.Model:

@@ -18,6 +18,7 @@ import pandas as pd
 from pipeline.data.array_cache import load_arrays
 from pipeline.data.index import index_dataset, summarize
 from pipeline.data.splits import (
+    SPLITS_FILE,
     assert_no_leakage,
     ensure_splits,
     fold_split,
@@ -128,10 +129,10 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
 
 
 def copy_splits(data: TrainingData, run_dir: Path) -> Path:
-    """Write the split used (a fold's split under cross-validation) into the run directory as `splits.csv`.
+    """Write the split used (a fold's split under cross-validation) into the run directory (`SPLITS_FILE`).
 
     The run's pair is then evaluated on exactly the patients it was validated on (`evaluate --split val`).
     """
-    dest = Path(run_dir) / "splits.csv"
+    dest = Path(run_dir) / SPLITS_FILE
     save_splits(data.splits, dest)
     return dest

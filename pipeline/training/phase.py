@@ -116,14 +116,8 @@ def fit_phase(
     cb.trim_history(history_csv, done_epochs)  # CSV rows == epochs the backup holds
     best_so_far = _max(initial_best, cb.best_in_history(history_csv, monitor) if done_epochs else None)
     if done_epochs:
-        log.info(
-            "%s: resuming after epoch %d of %d (best %s so far %s)",
-            label,
-            done_epochs,
-            epochs,
-            monitor,
-            best_so_far,
-        )
+        log.info("%s: resuming after epoch %d of %d (best %s so far %s)",
+                 label, done_epochs, epochs, monitor, best_so_far)
     callbacks, budget = cb.phase_callbacks(
         label=label,
         phase_dir=stage_dir,
@@ -157,31 +151,22 @@ def fit_phase(
         )
     rows = cb.read_history(history_csv)
     best = _max(initial_best, cb.best_in_history(history_csv, monitor))
+    stopped_by = _stopped_by(callbacks, budget)
+    result = PhaseResult(name, len(rows), best, (time.monotonic() - started_at) / 60, stopped_by,
+                         {"monitor": monitor, "planned_epochs": epochs})
+    log.info("%s: done after %d epoch(s), best %s=%s, %.1f min, stopped by %s",
+             label, len(rows), monitor, _fmt(best), result.minutes, stopped_by)
+    return result
+
+
+def _stopped_by(callbacks: list[keras.callbacks.Callback], budget: Any) -> str:
+    """Why a phase ended: `time_budget`, `early_stopping` or `epochs`."""
     early = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
     if budget.stopped:
-        stopped_by = "time_budget"
-    elif early is not None and early.stopped_epoch > 0:
-        stopped_by = "early_stopping"
-    else:
-        stopped_by = "epochs"
-    result = PhaseResult(
-        name,
-        len(rows),
-        best,
-        (time.monotonic() - started_at) / 60,
-        stopped_by,
-        {"monitor": monitor, "planned_epochs": epochs},
-    )
-    log.info(
-        "%s: done after %d epoch(s), best %s=%s, %.1f min, stopped by %s",
-        label,
-        len(rows),
-        monitor,
-        _fmt(best),
-        result.minutes,
-        stopped_by,
-    )
-    return result
+        return "time_budget"
+    if early is not None and early.stopped_epoch > 0:
+        return "early_stopping"
+    return "epochs"
 
 
 def _max(a: float | None, b: float | None) -> float | None:

@@ -27,7 +27,9 @@ from typing import Any
 
 import keras
 
+from pipeline.data.splits import SPLITS_FILE
 from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.models.backbone_weights import SCRATCH_LABEL, from_scratch
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
@@ -105,8 +107,8 @@ def _log_to(path: Path):
 
 
 def _weights_label(config: Config) -> str:
-    spec = str(config.classifier.weights)
-    return "none (trained from scratch)" if spec.strip().lower() == "none" else spec
+    spec = config.classifier.weights
+    return SCRATCH_LABEL if from_scratch(spec) else str(spec)
 
 
 def _stage_done(stage_dir: Path, phases: tuple[str, ...]) -> bool:
@@ -194,7 +196,7 @@ def _calibrate_and_save(
         "segmenter_tile_size": int(data.arrays.image_size[0]),
         "policy": policy,
         "backbone_weights": _weights_label(config),
-        "trained_from_scratch": str(config.classifier.weights).strip().lower() == "none",
+        "trained_from_scratch": from_scratch(config.classifier.weights),
         "seed": config.training.seed,
         "validation": {
             **result.to_json(),
@@ -204,7 +206,7 @@ def _calibrate_and_save(
         },
         "durations_minutes": _durations(results),
         "data": data.summary(),
-        "splits_file": "splits.csv",
+        "splits_file": SPLITS_FILE,
         "run_dir": str(run_dir),
         "config": config_to_dict(config),
     }

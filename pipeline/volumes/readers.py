@@ -43,7 +43,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.data.readers import SLICE_PATTERN, is_mask_file, read_array, reader_for
+from pipeline.data.readers import is_mask_file, read_array, reader_for, slice_name
 from pipeline.errors import DataError
 from pipeline.preprocessing import CHANNELS
 from pipeline.volumes.volume import (
@@ -470,10 +470,9 @@ class KaggleFolderReader(VolumeReader):
                 reader_for(entry)
             except DataError:
                 continue
-            match = SLICE_PATTERN.match(entry.stem)
-            if match is not None:
-                study = match["stem"][: -len(match["slice"]) - 1]
-                studies.setdefault(study, []).append((int(match["slice"]), entry))
+            name = slice_name(entry.stem)
+            if name is not None:
+                studies.setdefault(name.study, []).append((name.number, entry))
         return studies
 
     def takes(self, path: Path) -> bool:

@@ -1,17 +1,21 @@
 """Inference backends: how `TumorPipeline` runs its two Keras models.
 
-A backend turns a Keras model into a *runner*: an object with `predict_on_batch(x)` taking
-float32 (B, H, W, 3) raw pixel values and returning the model's float32 output, plus the
-`name` and `precision` it runs with, and `pads_batches`: whether the pipeline should pad each
-batch to a power-of-two bucket (`tumor_pipeline.batch_bucket`) so that it sees a handful of
-shapes (Keras, which retraces per shape) or pass it as it is (OpenVINO).
+A backend turns a Keras model into a *runner* (`base.Runner`): an object with
+`predict_on_batch(x)` taking float32 (B, H, W, 3) raw pixel values and returning the model's
+float32 output, plus the `name` and `precision` it runs with, and `pads_batches`: whether the
+pipeline should pad each batch to a power-of-two bucket (`tumor_pipeline.batch_bucket`) so that
+it sees a handful of shapes (Keras, which retraces per shape) or pass it as it is (OpenVINO).
 
     keras      the reference: `model.predict_on_batch` (training framework, Grad-CAM, GPUs)
     openvino   the models exported once to OpenVINO IR (cached by the model files' sha256,
                `ir_cache`), compiled per static batch shape, run on the CPU plugin
-               (`openvino_runner`), checked against Keras at export (`agreement`)
+               (`openvino_runner`), checked against Keras at export (`pipeline.models.agreement`);
+               uses the INT8 IRs a pair ships (`pipeline.models.pair_artifact.int8_irs`)
     auto       `$LGG_BACKEND` when set (keras or openvino: a site's or the test suite's choice),
-               else openvino when it is installed and no GPU is visible, else keras
+               else openvino when it is installed and no GPU is visible, else keras (`resolve_backend`)
+
+`REGISTRY` maps each name to a `Backend` (its runner factory, whether it is installed, whether it
+takes INT8 IRs); a new backend is one module and one `register_backend` call.
 
 Keras stays the source of truth: the `.keras` files are what training writes and releases
 ship; IR files are a derived cache, rebuilt when the model files change.
@@ -19,107 +23,121 @@ ship; IR files are a derived cache, rebuilt when the model files change.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+from pipeline.inference.backends.base import (
+    AUTO,
+    KERAS,
+    OPENVINO,
+    PRECISION_CHOICES,
+    PRECISIONS,
+    BackendError,
+    KerasRunner,
+    Runner,
+    openvino_available,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO",
-    "add_backend_arguments",
-    "BACKENDS",
+    "KERAS",
+    "OPENVINO",
+    "PRECISIONS",
+    "PRECISION_CHOICES",
+    "REGISTRY",
+    "Backend",
     "BackendError",
     "KerasRunner",
     "Runner",
+    "backend",
+    "choices",
     "make_runner",
     "openvino_available",
+    "register_backend",
     "resolve_backend",
 ]
 
-AUTO = "auto"
 BACKEND_ENV = "LGG_BACKEND"
-BACKENDS = ("keras", "openvino")
-CHOICES = (AUTO, *BACKENDS)
-PRECISIONS = ("f32", "bf16")  # OpenVINO precision hints (`openvino_runner`)
-PRECISION_CHOICES = (AUTO, *PRECISIONS)
 
 
-def add_backend_arguments(parser: Any) -> None:
-    """`--backend` and `--precision`, the same on every command that runs the models."""
-    parser.add_argument(
-        "--backend", choices=CHOICES, default=AUTO,
-        help="what runs the models: openvino (CPU, IR cached under .cache/openvino), keras (the "
-             "reference; Grad-CAM always uses it) or auto (default: openvino on a CPU when installed)")
-    parser.add_argument(
-        "--precision", choices=PRECISION_CHOICES, default=AUTO,
-        help="OpenVINO precision hint: auto (default: bf16 with AMX; on other bf16 CPUs the faster of "
-             "f32/bf16, timed once), f32 or bf16; ignored by keras")
-
-
-class BackendError(RuntimeError):
-    """A backend cannot run a model (not installed, export failed, disagreement with Keras)."""
-
-
-class Runner(Protocol):
-    """What `TumorPipeline` calls: one model on one padded batch."""
+@dataclass(frozen=True)
+class Backend:
+    """One backend: `factory(model, sha256=, precision=, cache_dir=, check=, int8_xml=) -> Runner`,
+    `available()` (installed here), and whether it runs a pair's INT8 IRs (`takes_int8`)."""
 
     name: str
-    precision: str
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray: ...
-
-
-class KerasRunner:
-    """The reference backend: the Keras model itself, float32 outputs."""
-
-    name = "keras"
-    pads_batches = True  # a new batch length costs Keras a retrace: pad to power-of-two buckets
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        policy = getattr(getattr(model, "dtype_policy", None), "name", None)
-        self.precision = str(policy or "float32")
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(x), np.float32)
+    factory: Callable[..., Runner]
+    available: Callable[[], bool]
+    takes_int8: bool = False
 
 
-def openvino_available() -> bool:
-    """True when the `openvino` package can be imported."""
+REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(spec: Backend) -> None:
+    """Add (or replace) a backend under `spec.name`."""
+    REGISTRY[spec.name] = spec
+
+
+def _keras_runner(model: Any, **_: Any) -> Runner:
+    return KerasRunner(model)
+
+
+def _openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
+                     cache_dir: Any = None, check: bool = True, int8_xml: Any = None) -> Runner:
+    from pipeline.inference.backends.openvino_runner import openvino_runner
+
+    return openvino_runner(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
+                           int8_xml=int8_xml)
+
+
+register_backend(Backend(KERAS, _keras_runner, lambda: True))
+register_backend(Backend(OPENVINO, _openvino_runner, openvino_available, takes_int8=True))
+
+
+def choices() -> tuple[str, ...]:
+    """What `--backend` takes: `auto` and every registered backend."""
+    return (AUTO, *REGISTRY)
+
+
+def backend(name: str) -> Backend:
+    """The registered backend `name` (resolve `auto` first); ValueError naming the valid ones."""
     try:
-        return importlib.util.find_spec("openvino") is not None
-    except (ImportError, ValueError):
-        return False
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(REGISTRY)} "
+                         "(resolve 'auto' first)") from None
 
 
 def resolve_backend(name: str = AUTO) -> str:
-    """`auto`, `keras` or `openvino` -> the concrete backend name.
+    """`auto` or a backend name -> the concrete backend name.
 
     `auto`: `$LGG_BACKEND` when set, else openvino when it is installed and TensorFlow sees no
     GPU (on a GPU, Keras under `mixed_float16` is the fast path), else keras. ValueError naming
     the choices otherwise.
     """
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
+    if name not in choices():
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(choices())}")
     if name != AUTO:
         return name
     chosen = os.environ.get(BACKEND_ENV, "").strip()
     if chosen:
-        if chosen not in BACKENDS:
-            raise ValueError(f"${BACKEND_ENV}={chosen!r} is not a backend; valid: {', '.join(BACKENDS)}")
+        if chosen not in REGISTRY:
+            raise ValueError(f"${BACKEND_ENV}={chosen!r} is not a backend; valid: {', '.join(REGISTRY)}")
         return chosen
     from pipeline.models.precision import gpu_available
 
-    return "openvino" if openvino_available() and not gpu_available() else "keras"
+    return OPENVINO if REGISTRY[OPENVINO].available() and not gpu_available() else KERAS
 
 
 def make_runner(
     model: Any,
-    backend: str = "keras",
+    backend_name: str = KERAS,
     *,
     sha256: str | None = None,
     precision: str = AUTO,
@@ -127,22 +145,18 @@ def make_runner(
     check: bool = True,
     int8_xml: Any = None,
 ) -> Runner:
-    """A runner for `model` on `backend` (`keras`, `openvino`; resolve `auto` first).
+    """A runner for `model` on the backend `backend_name` (resolve `auto` first).
 
     openvino only: `sha256` of the model's `.keras` file keys the IR cache (else a fingerprint
     of the model's config and weights); `precision` is `auto`, `f32` or `bf16`
     (`openvino_runner.choose_precision`); `cache_dir` overrides the cache root; `check` runs
     the agreement check against Keras when the IR is first exported; `int8_xml`: the pair's
-    INT8 IR of the model (`backends.int8`), preferred under `precision="auto"`. Raises
-    BackendError when the backend cannot serve the model.
+    INT8 IR of the model, preferred under `precision="auto"`. Raises BackendError when the
+    backend cannot serve the model (not installed, export failed, disagreement).
     """
-    if backend == "keras":
-        return KerasRunner(model)
-    if backend != "openvino":
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)} (resolve 'auto' first)")
-    if not openvino_available():
-        raise BackendError("the openvino backend needs the `openvino` package (pinned in requirements.txt)")
-    from pipeline.inference.backends.openvino_runner import openvino_runner
-
-    return openvino_runner(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
-                           int8_xml=int8_xml)
+    spec = backend(backend_name)
+    if not spec.available():
+        raise BackendError(
+            f"the {spec.name} backend needs the `{spec.name}` package (pinned in requirements.txt)")
+    return spec.factory(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
+                        int8_xml=int8_xml)

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io_utils import atomic_write_json
-from pipeline.models.model_io import sha256_of
+from pipeline.io_utils import atomic_write_json, sha256_of
 
 log = logging.getLogger(__name__)
 

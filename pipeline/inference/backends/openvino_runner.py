@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.inference.backends import AUTO, PRECISIONS, BackendError
-from pipeline.inference.backends.agreement import PROBABILITY_TOL, check_agreement, probe_batch
+from pipeline.inference.backends.base import AUTO, OPENVINO, PRECISIONS, BackendError
 from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
+from pipeline.models.agreement import PROBABILITY_TOL, check_agreement, model_probe
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class OpenVINORunner:
     `precision` reports instead of the hint (`int8` for a quantized IR).
     """
 
-    name = "openvino"
+    name = OPENVINO
     pads_batches = False  # any batch length: one static shape per part size, compiled once
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32",
@@ -198,7 +198,7 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     elif has_amx():
         chosen, record["reason"] = "bf16", "AMX"
     else:
-        x = probe_batch(model)
+        x = model_probe(model)
         rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
         chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
         record["slices_per_s"] = {p: round(r, 1) for p, r in rates.items()}
@@ -217,9 +217,9 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
 
     Exports the IR into the cache on first use, chooses the precision, and checks agreement with
     Keras once per precision (recorded in the manifest). `int8_xml`: the pair's INT8 IR of this
-    model (`backends.int8`, validated when it was made), used under `precision="auto"`. Raises
-    BackendError when the export fails or the float IR disagrees with Keras beyond the
-    tolerances of `agreement`.
+    model (`pair_artifact.int8_irs`; validated when `pipeline.quantization` made it), used under
+    `precision="auto"`. Raises BackendError when the export fails or the float IR disagrees with
+    Keras beyond the tolerances of `pipeline.models.agreement`.
     """
     key = sha256 or model_fingerprint(model)
     try:
@@ -228,7 +228,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
         raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
                            f"{type(exc).__name__}: {exc}") from exc
     if int8_xml is not None and precision == AUTO:
-        # Checked where it was made, on real validation slices (`backends.int8`); not on the
+        # Checked where it was made, on real validation slices (`pipeline.quantization`); not on the
         # synthetic probe, which lies outside the calibration statistics (INT8 drifts more there).
         return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8")
     chosen = choose_precision(entry, model, precision)

@@ -1,11 +1,19 @@
-"""Does a backend compute what Keras computes? The tolerances, and the check run at export.
+"""Does another copy of a model compute what the Keras model computes? The tolerances, and the check.
 
-Tolerances (issue #13), on the same float32 inputs:
+Used for every copy the pipeline runs instead of the trained model: an OpenVINO IR
+(`pipeline.inference.backends`, checked once at export) and the float16-stored release
+(`pipeline.models.release`, checked before it is written). On the same float32 inputs:
 * a probability output (classifier, (B, 1)): every probability within `PROBABILITY_TOL` of Keras;
 * a map output (segmenter, (B, H, W, 1)): at least `MASK_AGREEMENT` of the pixels on the same
-  side of `MASK_THRESHOLD` as Keras (the masks agree), whatever the probabilities' drift.
+  side of `MASK_PROBABILITY` as Keras (the masks agree), whatever the probabilities' drift.
 
 Gate decisions then agree except for slices within `PROBABILITY_TOL` of the threshold.
+
+The probes: the backend check runs on `model_probe` (`synthetic_slices`, seed 7, half with
+tumour: the images the IR cache manifests' records and the `auto` precision choices were made
+on; `probe_batch`'s images would change that choice on some CPUs, e.g. bf16 instead of f32 for
+the release classifier on an AMX Xeon); the release check on `synthetic_slices.probe_batch`
+(contrast varied per slice), whose numbers the release's `pipeline.json` records.
 """
 
 from __future__ import annotations
@@ -17,27 +25,28 @@ import numpy as np
 
 __all__ = [
     "MASK_AGREEMENT",
-    "MASK_THRESHOLD",
+    "MASK_PROBABILITY",
     "PROBABILITY_TOL",
     "agreement",
     "check_agreement",
-    "probe_batch",
+    "model_probe",
 ]
 
 PROBABILITY_TOL = 1e-2
 MASK_AGREEMENT = 0.995
-MASK_THRESHOLD = 0.5
+MASK_PROBABILITY = 0.5  # a segmenter pixel is tumour above this probability (for comparing masks)
 PROBE_SLICES = 8
+PROBE_SEED = 7
 
 
-def probe_batch(model: Any, n: int = PROBE_SLICES, size: int = 256) -> np.ndarray:
+def model_probe(model: Any, n: int = PROBE_SLICES, size: int = 256) -> np.ndarray:
     """float32 (n, H, W, 3) brain-like synthetic slices at the model's input size (`size` if free)."""
     from pipeline.data.synthetic_slices import synthetic_slices
 
     shape = tuple(getattr(model, "input_shape", (None, None, None, 3)))
     height = shape[1] or size
     width = shape[2] or size
-    slices, _ = synthetic_slices(n, max(height, width), seed=7, tumour_share=0.5)
+    slices, _ = synthetic_slices(n, max(height, width), seed=PROBE_SEED, tumour_share=0.5)
     return np.stack(slices)[:, :height, :width].astype(np.float32)
 
 
@@ -50,16 +59,21 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     diff = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
     if reference.ndim <= 2:  # one probability per slice
         return {"kind": "probability", "max_abs_diff": diff, "ok": diff <= PROBABILITY_TOL}
-    same = (reference > MASK_THRESHOLD) == (candidate > MASK_THRESHOLD)
-    share = float(same.mean()) if same.size else 1.0
+    share = mask_agreement(reference, candidate)
     return {"kind": "map", "max_abs_diff": diff, "mask_agreement": share, "ok": share >= MASK_AGREEMENT}
+
+
+def mask_agreement(reference: np.ndarray, candidate: np.ndarray, cut: float = MASK_PROBABILITY) -> float:
+    """Share of pixels on the same side of `cut` in two probability maps (1.0 when empty)."""
+    same = (np.asarray(reference) > cut) == (np.asarray(candidate) > cut)
+    return float(same.mean()) if same.size else 1.0
 
 
 def check_agreement(
     model: Any, predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Run `predict` (a backend) and Keras `model` on `inputs` (default `probe_batch`) -> `agreement`."""
-    x = probe_batch(model) if inputs is None else np.asarray(inputs, np.float32)
+    """Run `predict` (a backend) and Keras `model` on `inputs` (default `model_probe`) -> `agreement`."""
+    x = model_probe(model) if inputs is None else np.asarray(inputs, np.float32)
     reference = np.asarray(model.predict_on_batch(x), np.float32)
     result = agreement(reference, predict(x))
     result["n_slices"] = int(len(x))
