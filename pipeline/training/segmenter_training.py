@@ -107,6 +107,72 @@ def _mix_dataset(cfg: Config, data: TrainingData, train_pos, stage_dir: Path, cl
     )
 
 
+def _steps_per_epoch(cfg: Config, data: TrainingData, train_pos: np.ndarray) -> int:
+    """Steps between validations: `segmenter.steps_per_epoch`, else one pass (mix: over tumour slices)."""
+    s = cfg.segmenter
+    n = len(data.tumor_positions(train_pos)) if s.train_on == "mix" else len(train_pos)
+    return s.steps_per_epoch or max(1, math.ceil(n / s.batch_size))
+
+
+def _compiled_model(cfg: Config, steps: int, strategy: tf.distribute.Strategy) -> tuple[keras.Model, object]:
+    """(untrained segmenter compiled with the configured loss and optimizer, that loss)."""
+    s, t = cfg.segmenter, cfg.training
+    with strategy.scope():
+        model = build_segmenter(s)
+        loss = get_loss(s.loss.name, **s.loss.kwargs)
+        model.compile(
+            optimizer=make_optimizer(s.lr, t.lr_schedule, s.epochs, steps),
+            loss=loss,
+            metrics=[DiceMetric(name="dice"), IoUMetric(name="iou")],
+            run_eagerly=t.run_eagerly,
+        )
+    return model, loss
+
+
+def _inputs(cfg: Config, data: TrainingData, train_pos, val_pos, stage_dir: Path, classifier, weight_map):
+    """(training dataset, validation dataset or None, validation steps or None, extra callbacks)."""
+    s, t = cfg.segmenter, cfg.training
+    if s.train_on == "mix":
+        train = _mix_dataset(cfg, data, train_pos, stage_dir, classifier, weight_map)
+    else:
+        train = make_dataset(
+            data.arrays, train_pos, task="segment", batch_size=s.batch_size, shuffle=True,
+            augment=s.augment.enabled, augment_params=augment_params(cfg), seed=t.seed, repeat=True,
+            weight_map=weight_map, crop_size=s.crop_size,
+        )
+    if s.monitor == "val_dice" and s.train_on != "mix":
+        val = make_dataset(data.arrays, val_pos, task="segment", batch_size=s.batch_size, shuffle=False,
+                           augment=False, seed=t.seed, weight_map=weight_map)
+        return train, val, math.ceil(len(val_pos) / s.batch_size), []
+    # every validation slice, scored like the pipeline (also for monitor val_dice with mix)
+    pos = data.val_pos
+    images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
+    selection = PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size)
+    return train, None, None, [selection]
+
+
+def _fit(cfg: Config, data: TrainingData, train_pos, val_pos, stage_dir: Path, strategy, classifier):
+    """Train the segmenter in `stage_dir` (resuming an interrupted phase); returns its PhaseResult."""
+    s, t = cfg.segmenter, cfg.training
+    started = time.monotonic()
+    steps = _steps_per_epoch(cfg, data, train_pos)
+    model, loss = _compiled_model(cfg, steps, strategy)
+    weight_map = getattr(loss, "weight_map", None)  # e.g. border_bce: U-Net border weights per pixel
+    train, val, val_steps, extra = _inputs(cfg, data, train_pos, val_pos, stage_dir, classifier, weight_map)
+    log.info("segmenter: %s on %d train / %d val slices (%s), loss %s, %d steps/epoch, selection by %s",
+             describe(s), len(train_pos), len(val_pos), s.train_on, s.loss.name, steps, s.monitor)
+    result = fit_phase(
+        model, stage_dir=stage_dir, name="train", label=f"{STAGE}/train", train=train, val=val,
+        epochs=s.epochs, steps_per_epoch=steps, validation_steps=val_steps, monitor=s.monitor,
+        extra_callbacks=extra, training=t, budget_minutes=t.budget_minutes.segmenter,
+        checkpoint_path=stage_dir / "best.keras", started_at=started,
+    )
+    if not (stage_dir / "best.keras").is_file():  # zero epochs or never a finite monitor value
+        save_model(model, stage_dir / "best.keras")
+    write_marker(stage_dir, result)
+    return result
+
+
 def train_segmenter(
     cfg: Config, data: TrainingData, stage_dir: Path, strategy: tf.distribute.Strategy,
     classifier: keras.Model | None = None,
@@ -116,8 +182,7 @@ def train_segmenter(
     `classifier` scores the empty training slices for hard negatives (``train_on: mix``);
     without one they are weighted by the reference segmenter alone.
     """
-    s, t = cfg.segmenter, cfg.training
-    monitor = s.monitor
+    s = cfg.segmenter
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     train_pos, val_pos = segmenter_positions(cfg, data)
@@ -128,74 +193,10 @@ def train_segmenter(
         )
     result = read_marker(stage_dir, "train")
     if result is not None:
-        log.info(
-            "segmenter: already done (%d epochs, best %s %s), skipping",
-            result.epochs_run, monitor, result.best,
-        )
+        log.info("segmenter: already done (%d epochs, best %s %s), skipping",
+                 result.epochs_run, s.monitor, result.best)
     else:
-        started = time.monotonic()
-        if s.train_on == "mix":  # an epoch = as many crops as there are tumour slices, as before
-            steps = max(1, math.ceil(len(data.tumor_positions(train_pos)) / s.batch_size))
-        else:
-            steps = max(1, math.ceil(len(train_pos) / s.batch_size))
-        steps = s.steps_per_epoch or steps  # an explicit count wins (quick runs: 2; cross-validation: more)
-        with strategy.scope():
-            model = build_segmenter(s)
-            loss = get_loss(s.loss.name, **s.loss.kwargs)
-            model.compile(
-                optimizer=make_optimizer(s.lr, t.lr_schedule, s.epochs, steps),
-                loss=loss,
-                metrics=[DiceMetric(name="dice"), IoUMetric(name="iou")],
-                run_eagerly=t.run_eagerly,
-            )
-        weight_map = getattr(loss, "weight_map", None)  # e.g. border_bce: U-Net border weights per pixel
-        if s.train_on == "mix":
-            train = _mix_dataset(cfg, data, train_pos, stage_dir, classifier, weight_map)
-        else:
-            train = make_dataset(
-                data.arrays, train_pos, task="segment", batch_size=s.batch_size, shuffle=True,
-                augment=s.augment.enabled, augment_params=augment_params(cfg), seed=t.seed, repeat=True,
-                weight_map=weight_map, crop_size=s.crop_size,
-            )
-        extra, val, val_steps = [], None, None
-        if monitor == "val_dice" and s.train_on != "mix":
-            val = make_dataset(data.arrays, val_pos, task="segment", batch_size=s.batch_size, shuffle=False,
-                               augment=False, seed=t.seed, weight_map=weight_map)
-            val_steps = math.ceil(len(val_pos) / s.batch_size)
-        else:  # every validation slice, scored like the pipeline (also for monitor val_dice with mix)
-            pos = data.val_pos
-            images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
-            extra = [PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size)]
-        log.info(
-            "segmenter: %s on %d train / %d val slices (%s), loss %s, %d steps/epoch, selection by %s",
-            describe(s),
-            len(train_pos),
-            len(val_pos),
-            s.train_on,
-            s.loss.name,
-            steps,
-            monitor,
-        )
-        result = fit_phase(
-            model,
-            stage_dir=stage_dir,
-            name="train",
-            label=f"{STAGE}/train",
-            train=train,
-            val=val,
-            epochs=s.epochs,
-            steps_per_epoch=steps,
-            validation_steps=val_steps,
-            monitor=monitor,
-            extra_callbacks=extra,
-            training=t,
-            budget_minutes=t.budget_minutes.segmenter,
-            checkpoint_path=stage_dir / "best.keras",
-            started_at=started,
-        )
-        if not (stage_dir / "best.keras").is_file():  # zero epochs or never a finite monitor value
-            save_model(model, stage_dir / "best.keras")
-        write_marker(stage_dir, result)
+        result = _fit(cfg, data, train_pos, val_pos, stage_dir, strategy, classifier)
     rows = cb.merge_histories([("train", cb.history_path(stage_dir, "train"))], stage_dir / "history.csv")
     cb.plot_curves(rows, "dice", stage_dir / "curves.png", "segmenter: loss and Dice per epoch")
     with strategy.scope():
@@ -208,4 +209,4 @@ def train_segmenter(
         "train_slices": int(len(train_pos)),
         "val_slices": int(len(val_pos)),
     }
-    return StageResult(model, [result], result.best, monitor, rows, info)
+    return StageResult(model, [result], result.best, s.monitor, rows, info)
