@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import metrics
+from pipeline.data.splits import load_splits
 from pipeline.errors import DataError
 from pipeline.evaluation.compare import error_counts
 from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.paths import SPLITS_FILE
 from pipeline.training.calibration import choose_point
 
 __all__ = ["fold_dirs", "pool_folds", "epoch_curve", "pooled_grid", "summarize_pooled"]
@@ -88,7 +90,7 @@ def epoch_curve(variant: str | os.PathLike, monitor: str = "val_patient_dice") -
     for k, fold in enumerate(fold_dirs(variant)):
         history = pd.read_csv(fold / "segmenter" / "history.csv")
         columns[f"fold{k}"] = history[monitor].to_numpy(float)
-        splits = pd.read_csv(fold / "splits.csv")
+        splits = load_splits(fold / SPLITS_FILE)
         weights[f"fold{k}"] = int((splits["split"] == "val").sum())
     n = max(len(v) for v in columns.values())
     table = pd.DataFrame({k: np.pad(v, (0, n - len(v)), constant_values=np.nan) for k, v in columns.items()})
@@ -114,7 +116,7 @@ def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
     grids = []
     for fold in fold_dirs(variant):
         grid = pd.read_csv(fold / "calibration_grid.csv")
-        splits = pd.read_csv(fold / "splits.csv")
+        splits = load_splits(fold / SPLITS_FILE)
         grids.append(grid.assign(_n=int((splits["split"] == "val").sum())))
     table = pd.concat(grids, ignore_index=True)
     table["_weighted"] = table["mean_patient_dice"] * table["_n"]
