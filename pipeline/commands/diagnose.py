@@ -146,8 +146,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     n = len(result.rows)
+    empty = result.n_flagged - result.n_found
     print(
-        f"{n} slice(s): {result.n_flagged} with tumour, {n - result.n_flagged - result.n_failed} without, "
+        f"{n} slice(s): {result.n_found} with tumour, {empty} flagged with nothing outlined, "
+        f"{n - result.n_flagged - result.n_failed} without, "
         f"{result.n_failed} failed" + (f" ({result.resumed} from an earlier run)" if result.resumed else "")
     )
     if result.skipped_masks:

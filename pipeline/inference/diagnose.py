@@ -113,7 +113,11 @@ JOURNAL = ".progress.jsonl"
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR, VOLUME_DIR = "masks", "overlays", "gradcam", "volumes"
 JOURNAL_VERSION = 2  # 2: the `slice` column and study records
 MIN_VOLUME_SLICES = 3  # fewer slices of a study are diagnosed one by one
-TUMOUR, NO_TUMOUR = "tumour", "no tumour"
+# the decision: what the pipeline found, not only what the classifier flagged
+TUMOUR = "tumour"  # flagged and the final mask is not empty
+FLAGGED_EMPTY = "flagged, nothing outlined"  # flagged, but the mask is empty after post-processing
+NO_TUMOUR = "no tumour"  # not flagged by the classifier
+FLAGGED = (TUMOUR, FLAGGED_EMPTY)
 
 COLUMNS = (
     "path",  # absolute path of the input (bytes that are not UTF-8 escaped as \xNN)
@@ -122,7 +126,7 @@ COLUMNS = (
     "height",
     "width",
     "probability",  # classifier tumour probability
-    "decision",  # "tumour" / "no tumour"; empty when the input failed
+    "decision",  # "tumour" (mask not empty) / "flagged, nothing outlined" / "no tumour"; empty if failed
     "area_px",  # predicted tumour pixels
     "area_fraction",  # area_px / brain pixels (SliceResult.area_fraction_brain)
     "area_fraction_slice",  # area_px / slice pixels
@@ -175,6 +179,12 @@ class DiagnosisResult:
 
     @property
     def n_flagged(self) -> int:
+        """Slices the classifier flagged (with or without anything outlined)."""
+        return sum(1 for row in self.rows if row["decision"] in FLAGGED)
+
+    @property
+    def n_found(self) -> int:
+        """Slices whose final mask is not empty (decision `tumour`)."""
         return sum(1 for row in self.rows if row["decision"] == TUMOUR)
 
     @property
@@ -381,7 +391,7 @@ def _result_row(path: Path, image: np.ndarray, result: Any) -> dict[str, Any]:
         height=int(image.shape[0]),
         width=int(image.shape[1]),
         probability=round(float(result.probability), 6),
-        decision=TUMOUR if result.is_tumor else NO_TUMOUR,
+        decision=decision(result.is_tumor, result.area_px),
         area_px=int(result.area_px),
         area_fraction=round(float(result.area_fraction_brain), 6),
         area_fraction_slice=round(float(result.area_fraction_slice), 6),
@@ -392,6 +402,20 @@ def _result_row(path: Path, image: np.ndarray, result: Any) -> dict[str, Any]:
     return row
 
 
+def decision(flagged: bool, area_px: int | None) -> str:
+    """The decision word of a slice: TUMOUR only where the final mask is not empty."""
+    if not flagged:
+        return NO_TUMOUR
+    return TUMOUR if area_px else FLAGGED_EMPTY
+
+
+def _current_words(row: dict[str, Any]) -> dict[str, Any]:
+    """A journalled row with today's decision words (journals before FLAGGED_EMPTY said `tumour`)."""
+    if row.get("decision") == TUMOUR and not row.get("area_px"):
+        row["decision"] = FLAGGED_EMPTY
+    return row
+
+
 def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per patient (rows with a patient id): slices, failed, flagged, tumour volume (px), largest slice."""
     columns = [
@@ -399,6 +423,7 @@ def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
         "slices",
         "slices_failed",
         "slices_flagged",
+        "slices_tumour",
         "tumour_volume_px",
         "largest_slice",
         "largest_area_px",
@@ -415,7 +440,8 @@ def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "patient_id": patient,
                 "slices": len(group),
                 "slices_failed": int(group["error"].notna().sum()),
-                "slices_flagged": int((ok["decision"] == TUMOUR).sum()),
+                "slices_flagged": int(ok["decision"].isin(FLAGGED).sum()),
+                "slices_tumour": int((ok["decision"] == TUMOUR).sum()),
                 "tumour_volume_px": int(areas.sum()),
                 "largest_slice": largest["path"] if largest is not None else None,
                 "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
@@ -428,7 +454,8 @@ PATIENT_COLUMNS = (
     "patient_id",
     "slices",
     "slices_failed",
-    "slices_flagged",
+    "slices_flagged",  # flagged by the classifier (decision `tumour` or `flagged, nothing outlined`)
+    "slices_tumour",  # with a non-empty final mask (decision `tumour`)
     "tumour_volume_px",  # predicted pixels summed over the rows (a study's: on its model slices)
     "largest_slice",  # its path (a study's: `<source>#slice=<k>`, k an input slice index)
     "largest_area_px",
@@ -453,7 +480,8 @@ def study_patient_row(study: dict[str, Any], rows: Sequence[dict[str, Any]]) -> 
         "patient_id": study["study_id"],
         "slices": len(ok) if ok else 0,
         "slices_failed": len(rows) - len(ok),
-        "slices_flagged": sum(1 for r in ok if r["decision"] == TUMOUR),
+        "slices_flagged": sum(1 for r in ok if r["decision"] in FLAGGED),
+        "slices_tumour": sum(1 for r in ok if r["decision"] == TUMOUR),
         "tumour_volume_px": sum(int(r["area_px"] or 0) for r in ok),
         "largest_slice": f"{study['source']}#slice={largest['slice']}" if largest is not None else None,
         "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
@@ -492,14 +520,17 @@ def _write_reports(
         columns=list(PATIENT_COLUMNS),
     )
     patients = patients.astype({c: "Int64" for c in ("slices", "slices_failed", "slices_flagged",
-                                                     "tumour_volume_px", "largest_area_px", "tumour_voxels")})
+                                                     "slices_tumour", "tumour_volume_px", "largest_area_px",
+                                                     "tumour_voxels")})
     with atomic_write(out / PATIENTS_CSV, "w", encoding="utf-8", newline="") as fh:
         patients.to_csv(fh, index=False)
     all_rows = [*rows, *study_rows]
     summary = {
         "inputs": len(all_rows),
         "failed": sum(1 for r in all_rows if r["error"]),
-        "flagged": sum(1 for r in all_rows if r["decision"] == TUMOUR),
+        "flagged": sum(1 for r in all_rows if r["decision"] in FLAGGED),
+        "found": sum(1 for r in all_rows if r["decision"] == TUMOUR),
+        "flagged_nothing_outlined": sum(1 for r in all_rows if r["decision"] == FLAGGED_EMPTY),
         "studies": len(studies),
         "studies_failed": sum(1 for st, _ in studies if st["error"]),
     }
@@ -720,7 +751,7 @@ def _diagnose_study(
         rows.sort(key=lambda r: r["slice"])
         record.update(
             slices=len(rows),
-            slices_flagged=sum(1 for r in rows if r["decision"] == TUMOUR),
+            slices_flagged=sum(1 for r in rows if r["decision"] in FLAGGED),
             tumour_voxels=measures.voxels,
             tumour_volume_ml=measures.volume_ml,
             slice_range=list(measures.slice_range) if measures.slice_range else None,
@@ -973,14 +1004,14 @@ def run_diagnosis(
         if entry is None or entry.get("type") != "row" or not _outputs_present(out, entry["row"]):
             continue
         if entry.get("signature") == _signature(p):
-            rows[str(p)] = entry["row"]
+            rows[str(p)] = _current_words(entry["row"])
     study_results: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for study in studies:
         entry = done.get(study.key)
         if entry is None or entry.get("type") != "study" or not _study_outputs_present(out, entry):
             continue
         if entry.get("signature") == study.signature():
-            study_results[study.key] = (entry["study"], entry["rows"])
+            study_results[study.key] = (entry["study"], [_current_words(r) for r in entry["rows"]])
     resumed = len(rows) + len(study_results)
     todo = [p for p in paths if str(p) not in rows]
     studies_todo = [s for s in studies if s.key not in study_results]
