@@ -8,6 +8,8 @@ files or DICOM series (`..._pre`, `..._flair`, `..._post`), found also inside th
 to pick one series of several).
 Everything is written inside the output folder OUT:
 
+    index.html                the review page: summary, a card per study or patient with its
+                              3D view, the sortable table of slices (`pipeline.inference.review`)
     report.csv, report.json   one row per input slice (COLUMNS); report.json also holds the
                               settings and, under "studies", one record per volume study
     patients.csv              per patient: slices, flagged slices, tumour volume in pixels,
@@ -546,6 +548,18 @@ def _write_reports(
     )
 
 
+def _write_page(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any],
+                studies: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]], paths: Sequence[Path],
+                study_inputs: Sequence[StudyInput]) -> None:
+    """OUT/index.html (`pipeline.inference.review`); a failure there is logged, never the run's."""
+    from pipeline.inference.review.page import write_review_page
+
+    try:
+        write_review_page(out, rows, settings, studies, slice_paths=paths, study_inputs=study_inputs)
+    except Exception:  # noqa: BLE001 - the reports are written; the page is a view of them
+        log.warning("could not write the review page %s", out / "index.html", exc_info=True)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -1078,6 +1092,7 @@ def run_diagnosis(
     ordered = [rows[str(p)] for p in paths]
     ordered_studies = [study_results[s.key] for s in studies]
     _write_reports(out, ordered, settings, ordered_studies)
+    _write_page(out, ordered, settings, ordered_studies, paths, studies)
     return DiagnosisResult(
         out=out,
         rows=ordered + [r for _, srows in ordered_studies for r in srows],
