@@ -164,3 +164,42 @@ def test_without_niivue_the_page_works_and_says_how_to_enable_3d(
     notes = page.evaluate("Array.from(document.querySelectorAll('.card .note')).map(n => n.textContent)")
     assert len(notes) == 2 and all(niivue.MAKE_COMMAND in n for n in notes)
     assert _visible(page) == len(pd.read_csv(out / "report.csv"))
+
+
+def test_the_evaluation_report_html_sorts_its_per_patient_table(browser, tmp_path):
+    from pipeline.evaluation import evaluate as ev
+    from tests.evaluation_helpers import StubPipeline, hand_built_case, stub_segment
+
+    case = hand_built_case()
+    result = ev.evaluate_pipeline(
+        StubPipeline(case.threshold),
+        stub_segment,
+        case.rows,
+        case.images,
+        case.masks,
+        tmp_path,
+        threshold=case.threshold,
+        batch_size=3,
+        n_boot=20,
+        seed=7,
+        provenance={"split": "hand-built", "models_dir": "stubs"},
+        progress=False,
+    )
+    page = browser.open(result.files["report_html"])
+    assert page.errors == []
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 100)")
+    assert page.evaluate("document.images.length") == len(result.report["figures"])
+    table = (
+        "Array.from(document.querySelectorAll('table')).find(t => t.tHead.rows[0].cells[0].textContent"
+        " === 'patient' && t.tHead.rows[0].cells[1].textContent === 'slices')"
+    )
+    patients = f"Array.from(({table}).tBodies[0].rows).map(r => r.cells[0].textContent)"
+    before = page.evaluate(patients)
+    assert sorted(before) == ["TCGA_HB_0001", "TCGA_HB_0002", "TCGA_HB_0003"]
+    page.evaluate(f"({table}).tHead.rows[0].cells[0].click()")
+    assert page.evaluate(patients) == sorted(before)
+    page.evaluate(f"({table}).tHead.rows[0].cells[0].click()")
+    assert page.evaluate(patients) == sorted(before, reverse=True)
+    dice = f"Array.from(({table}).tBodies[0].rows).map(r => Number(r.cells[4].textContent))"
+    page.evaluate(f"({table}).tHead.rows[0].cells[4].click()")
+    assert page.evaluate(dice) == sorted(page.evaluate(dice))
