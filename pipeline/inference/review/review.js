@@ -70,9 +70,14 @@
     const status = details.querySelector(".viewer-status");
     details.dataset.state = "loading";
     status.textContent = "loading the viewer and this study's volumes ...";
+    const t0 = performance.now();
+    const timings = {};
+    const mark = (name) => { timings[name] = Math.round(performance.now() - t0); };
     try {
       await loadScript(config.niivue);
+      mark("niivue_script");
       await loadScript(details.dataset.volumes);
+      mark("volumes_script");
       const data = window.LGG_VOLUMES[details.dataset.key];
       const nv = new window.niivue.Niivue({
         backColor: [0, 0, 0, 1],
@@ -83,6 +88,7 @@
         multiplanarShowRender: window.niivue.SHOW_RENDER.ALWAYS,
       });
       await nv.attachToCanvas(details.querySelector("canvas"));
+      mark("webgl");
       const flair = await window.niivue.NVImage.loadFromBase64({
         base64: data.flair, name: details.dataset.key + "_flair.nii.gz", colormap: "gray",
       });
@@ -90,6 +96,7 @@
         base64: data.mask, name: details.dataset.key + "_mask.nii.gz", colormap: "red",
         opacity: 0.7, cal_min: 0.5, cal_max: 1,
       });
+      mark("decoded");
       nv.addVolume(flair);
       nv.addVolume(mask);
       nv.setSliceType(nv.sliceTypeMultiplanar);
@@ -99,7 +106,9 @@
       opacity.addEventListener("input", () => { nv.setOpacity(1, Number(opacity.value)); });
       const layout = details.querySelector("select.layout");
       layout.addEventListener("change", () => { nv.setSliceType(Number(layout.value)); });
+      mark("drawn");
       details.viewer = nv;
+      details.timings = timings;
       details.dataset.state = "ready";
       status.textContent = data.mask_voxels + " mask voxels; drag to move the crosshair, " +
         "right-drag in 3D to rotate.";
