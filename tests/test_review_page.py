@@ -116,3 +116,17 @@ def test_a_provisioned_script_that_was_changed_is_not_used(tmp_path, monkeypatch
     monkeypatch.setenv(niivue.DIR_ENV, str(tmp_path))
     (tmp_path / niivue.SCRIPT_NAME).write_text("tampered")
     assert niivue.script_path() is None and niivue.copy_into(tmp_path / "out") is None
+
+
+def test_the_page_never_writes_outside_out(synthetic_root, tmp_path):
+    """OUT/review as a symlink to a folder outside OUT: no 3D files there, the page still written."""
+    if niivue.script_path() is None:
+        pytest.skip(f"NiiVue is not provisioned (`{niivue.MAKE_COMMAND}`)")
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "review").symlink_to(outside, target_is_directory=True)
+    run_diagnosis([synthetic_root / CASE], out, pipeline=stub_pipeline(), progress=False)
+    assert list(outside.iterdir()) == []
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert 'data-card="TCGA_CC_0005"' in page and 'class="viewer"' not in page

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from pipeline.errors import DataError
 from pipeline.inference.review import niivue
 from pipeline.inference.review.viewer_data import REVIEW_DIR, write_stack_volumes, write_study_volumes
 from pipeline.io_utils import atomic_write
@@ -100,6 +101,7 @@ def build_cards(
     slice_paths: Sequence[Path],
     study_inputs: Sequence[Any],
     with_3d: bool,
+    guard: Any = None,
 ) -> list[Card]:
     """One card per volume study, per Kaggle patient folder (stacked for 3D) and per other patient."""
     from pipeline.inference.diagnose import group_volumes, output_name
@@ -119,6 +121,8 @@ def build_cards(
         if with_3d:
             key = output_name(unit[0].parent)
             try:
+                if guard is not None:
+                    guard(f"{REVIEW_DIR}/{key}.volumes.js")
                 card.volumes_js = write_stack_volumes(out, key, unit, unit_rows)
             except Exception:  # noqa: BLE001 - the page goes on without this 3D view
                 log.warning("no 3D view for %s", unit[0].parent, exc_info=True)
@@ -158,6 +162,8 @@ def build_cards(
             ]
             if with_3d:
                 try:
+                    if guard is not None:
+                        guard(f"{REVIEW_DIR}/{study.output_name()}.volumes.js")
                     card.volumes_js = write_study_volumes(out, study.output_name(), study, record)
                 except Exception:  # noqa: BLE001 - the page goes on without this 3D view
                     log.warning("no 3D view for %s", record["source"], exc_info=True)
@@ -380,11 +386,24 @@ def write_review_page(
     `review/<name>.volumes.js` when missing or stale; without NiiVue the page has no 3D views
     and says how to enable them.
     """
+    from pipeline.inference.diagnose import _Writer
+
     out = Path(out)
-    script = niivue.copy_into(out / REVIEW_DIR)
+    # every file goes where diagnose's own outputs may go: inside OUT, never onto an input
+    guard = _Writer(out, [*slice_paths, *(s.path for s in study_inputs)])._target
+    guard(INDEX_HTML)
+    try:
+        for name in (niivue.SCRIPT_NAME, niivue.LICENSE_NAME):
+            guard(f"{REVIEW_DIR}/{name}")
+        script = niivue.copy_into(out / REVIEW_DIR)
+    except DataError as exc:
+        log.warning("review page without 3D views: %s", exc)
+        script = None
     if script is None:
         log.info("NiiVue is not provisioned (%s): the review page has no 3D views", niivue.MAKE_COMMAND)
-    cards = build_cards(out, rows, studies, slice_paths, study_inputs, with_3d=script is not None)
+    cards = build_cards(
+        out, rows, studies, slice_paths, study_inputs, with_3d=script is not None, guard=guard
+    )
     all_rows = [*rows, *(r for _, srows in studies for r in srows)]
     created = datetime.now(UTC).isoformat(timespec="seconds")
     viewer = f"{REVIEW_DIR}/{niivue.SCRIPT_NAME}" if script is not None else None
