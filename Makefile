@@ -15,7 +15,7 @@ OUT ?= diagnosis
 quoted = $(if $(word 2,$(1)),"$(1)",$(1))
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(call quoted,$(DATA_DIR)),)
 
-.PHONY: venv test lint index weights train evaluate diagnose bench release clean
+.PHONY: venv test lint index weights viewer train evaluate diagnose bench release clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ index: $(STAMP)
 
 weights: $(STAMP)
 	$(PY) -m pipeline weights $(ARGS)
+
+# NiiVue for the review page's 3D views (npm @niivue/niivue@0.69.0, checksums pinned): third_party/niivue/
+viewer: $(STAMP)
+	$(PY) -m pipeline viewer --if-missing $(ARGS)
 
 train: $(STAMP)
 	$(PY) -m pipeline weights --if-missing

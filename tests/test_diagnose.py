@@ -244,7 +244,8 @@ def test_the_command_exit_code_says_whether_anything_failed(synthetic_root, tmp_
     case = synthetic_root / "TCGA_CC_0005_20010505"
     args = ["--models", str(pair), "--quiet"]
     assert command.main([str(case), "--out", str(tmp_path / "ok"), *args]) == 0
-    assert "8 slice(s): 3 with tumour, 5 without, 0 failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "8 slice(s): 3 with tumour, 0 flagged with nothing outlined, 5 without, 0 failed" in printed
 
     (tmp_path / "bad.tif").write_bytes(b"")
     assert command.main([str(case), str(tmp_path / "bad.tif"), "--out", str(tmp_path / "mixed"), *args]) == 1

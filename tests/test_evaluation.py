@@ -192,6 +192,29 @@ def test_report_md_has_headline_table_and_empty_mask_convention(hand_built_resul
         assert pid in md
 
 
+def test_report_html_has_the_figures_inline_and_every_table_of_report_md(hand_built_result):
+    _, result = hand_built_result
+    page = (result.out_dir / "report.html").read_text(encoding="utf-8")
+    md = (result.out_dir / "report.md").read_text(encoding="utf-8")
+    assert result.files["report_html"] == result.out_dir / "report.html"
+    assert page.count("<table>") == md.count("\n|---")  # one table per Markdown table
+    assert page.count('src="data:image/png;base64,') == len(result.report["figures"])
+    for name in result.report["figures"].values():
+        assert f'src="{name}"' not in page  # inline, not linked
+    for pid in ("TCGA_HB_0001", "TCGA_HB_0002", "TCGA_HB_0003"):
+        assert f"<td>{pid}</td>" in page  # underscores kept, not read as emphasis
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_html_escapes_what_it_is_given(tmp_path):
+    from pipeline.evaluation.report_html import render_html
+
+    markdown = "# R\n\n| patient | Dice |\n|---|---|\n| <script>x</script> | 0.5 |\n\n![f](../x.png)"
+    page = render_html(markdown, tmp_path)
+    assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert '<td class="num">0.5</td>' in page and "not found" in page  # no file outside the folder
+
+
 def test_figures_are_valid_pngs(hand_built_result):
     _, result = hand_built_result
     names = result.report["figures"]

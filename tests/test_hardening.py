@@ -79,7 +79,8 @@ def test_non_utf8_file_names_are_escaped_and_reported(synthetic_root, tmp_path, 
     out = tmp_path / "out"
 
     assert command.main([str(folder), "--out", str(out), *stub_models]) == 0
-    assert "5 slice(s): 3 with tumour, 2 without, 0 failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "5 slice(s): 3 with tumour, 0 flagged with nothing outlined, 2 without, 0 failed" in printed
     report = _report(out)
     assert len(_diagnosed(report)) == len(good) + 1
     row = report[report["path"].str.contains(r"scan_\xff\xfe", regex=False)].iloc[0]

@@ -4,7 +4,8 @@ Volume studies go next to slices: a NIfTI file (X, Y, Z, 3), a study folder of c
 NIfTI files or DICOM series folders (`..._pre`, `..._flair`, `..._post`), given as INPUT or found
 inside a folder given, or one study channel by channel with --pre/--flair/--post. Each gets a
 mask NIfTI on its own grid and affine in OUT/volumes/, and its tumour volume in mL, slice range
-and 3D bounding box in patients.csv and report.json.
+and 3D bounding box in patients.csv and report.json. OUT/index.html is the review page (opens
+from disk): the summary, a card per study or patient with its 3D view, the slices' table.
 
 Also the console script `lgg-diagnose` (`main`). Exit codes: 0 every input diagnosed,
 1 at least one input failed (its row in report.csv says why), 2 unusable arguments
@@ -122,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     n = len(result.rows)
+    empty = result.n_flagged - result.n_found
     print(
-        f"{n} slice(s): {result.n_flagged} with tumour, {n - result.n_flagged - result.n_failed} without, "
+        f"{n} slice(s): {result.n_found} with tumour, {empty} flagged with nothing outlined, "
+        f"{n - result.n_flagged - result.n_failed} without, "
         f"{result.n_failed} failed" + (f" ({result.resumed} from an earlier run)" if result.resumed else "")
     )
     if result.skipped_masks:
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 size = f"{ml:.2f} mL" if ml is not None else "(no voxel spacing: Kaggle slices)"
                 print(f"  {st['study_id']}: tumour {st['tumour_voxels']} voxels {size}, "
                       f"slices {st['slice_range']}, mask {result.out / st['mask_nifti']}")
-    print(f"report: {result.out / 'report.csv'}")
+    print(f"report: {result.out / 'report.csv'}; review page: {(result.out / 'index.html').as_uri()}")
     for row in result.rows:
         if row["error"]:
             print(f"failed: {row['path']}: {row['error']}", file=sys.stderr)

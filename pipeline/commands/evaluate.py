@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(result.report)))
-    print(f"\nReport: {result.files['report_md']}\n        {result.files['report_json']}")
+    print(f"\nReport: {result.files['report_md']}\n        {result.files['report_json']}"
+          f"\n        {result.files['report_html']}")
     print(f"Figures: {result.out_dir}")
     return 0

@@ -4,7 +4,8 @@ Layers, thinnest on top:
 
 - `evaluate(...)`: from directories (models or run, data root, split file) to a written report;
 - `evaluate_pipeline(...)`: a built pipeline and segmenter over in-memory slices;
-- `write_evaluation(...)`: predictions already made -> `report.json`, `report.md`, tables, PNGs.
+- `write_evaluation(...)`: predictions already made -> `report.json`, `report.md`, `report.html`
+  (figures inline, tables sortable), tables, PNGs.
 
 Tests drive the lower layers with stub models whose outputs are known by hand.
 """
@@ -34,6 +35,7 @@ from pipeline.data.splits import (
 from pipeline.evaluation import figures
 from pipeline.evaluation.predictions import PipelineLike, SegmentFn, SlicePredictions, predict_slices
 from pipeline.evaluation.report import build_report, render_markdown
+from pipeline.evaluation.report_html import render_html
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.paths import MODELS_DIR, RUNS_DIR, resolve_pair
 from pipeline.paths import PairSource as ModelSource
@@ -71,7 +73,7 @@ def write_evaluation(
     seed: int = 0,
     provenance: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
-    """Score `preds` against `masks` and write `report.json`, `report.md`, CSV tables and PNG figures.
+    """Score `preds` against `masks` and write `report.json`, `report.md`, `report.html`, CSV tables and PNGs.
 
     rows (N index rows), images (N, H, W, 3) uint8, masks (N, H, W) 0/1 and preds are aligned.
     Every file is written atomically into `out_dir`.
@@ -114,8 +116,12 @@ def write_evaluation(
     files["report_json"] = out_dir / "report.json"
     atomic_write_json(files["report_json"], report)
     files["report_md"] = out_dir / "report.md"
+    markdown = render_markdown(report, report["figures"])
     with atomic_write(files["report_md"], "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(report, report["figures"]))
+        fh.write(markdown)
+    files["report_html"] = out_dir / "report.html"
+    with atomic_write(files["report_html"], "w", encoding="utf-8") as fh:
+        fh.write(render_html(markdown, out_dir))
     return EvaluationResult(report, out_dir, files)
 
 

@@ -8,6 +8,8 @@ files or DICOM series (`..._pre`, `..._flair`, `..._post`), found also inside th
 to pick one series of several).
 Everything is written inside the output folder OUT:
 
+    index.html                the review page: summary, a card per study or patient with its
+                              3D view, the sortable table of slices (`pipeline.inference.review`)
     report.csv, report.json   one row per input slice (COLUMNS); report.json also holds the
                               settings and, under "studies", one record per volume study
     patients.csv              per patient: slices, flagged slices, tumour volume in pixels,
@@ -66,11 +68,9 @@ Robustness:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,11 +82,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.data.readers import slice_name
 from pipeline.errors import DataError
 from pipeline.inference.image_loading import expand_inputs, load_slice, patient_id_from_name
-from pipeline.inference.overlays import PREDICTION_COLOR, encode_png, heatmap_overlay, overlay
-from pipeline.io_utils import atomic_write, atomic_write_bytes, atomic_write_json
+from pipeline.inference.outputs import (  # noqa: F401 - re-exported: the names diagnose has always had
+    FLAGGED_EMPTY,
+    MIN_VOLUME_SLICES,
+    NO_TUMOUR,
+    TUMOUR,
+    OutputWriter,
+    decision,
+    group_volumes,
+    output_name,
+    output_names,
+    safe_stem,
+    text,
+    within,
+)
+from pipeline.inference.outputs import signature as _signature
+from pipeline.inference.overlays import PREDICTION_COLOR, heatmap_overlay, overlay
+from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.paths import resolve_pair, safe_resolve
 
 log = logging.getLogger(__name__)
@@ -111,8 +125,8 @@ PATIENTS_CSV = "patients.csv"
 JOURNAL = ".progress.jsonl"
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR, VOLUME_DIR = "masks", "overlays", "gradcam", "volumes"
 JOURNAL_VERSION = 2  # 2: the `slice` column and study records
-MIN_VOLUME_SLICES = 3  # fewer slices of a study are diagnosed one by one
-TUMOUR, NO_TUMOUR = "tumour", "no tumour"
+# the decision: what the pipeline found, not only what the classifier flagged
+FLAGGED = (TUMOUR, FLAGGED_EMPTY)
 
 COLUMNS = (
     "path",  # absolute path of the input (bytes that are not UTF-8 escaped as \xNN)
@@ -121,7 +135,7 @@ COLUMNS = (
     "height",
     "width",
     "probability",  # classifier tumour probability
-    "decision",  # "tumour" / "no tumour"; empty when the input failed
+    "decision",  # "tumour" (mask not empty) / "flagged, nothing outlined" / "no tumour"; empty if failed
     "area_px",  # predicted tumour pixels
     "area_fraction",  # area_px / brain pixels (SliceResult.area_fraction_brain)
     "area_fraction_slice",  # area_px / slice pixels
@@ -153,8 +167,7 @@ STUDY_KEYS = (
     "error",
 )
 OUTPUT_COLUMNS = ("mask_path", "overlay_path", "gradcam_path")
-_TERMINAL_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
 
 
 @dataclass
@@ -174,6 +187,12 @@ class DiagnosisResult:
 
     @property
     def n_flagged(self) -> int:
+        """Slices the classifier flagged (with or without anything outlined)."""
+        return sum(1 for row in self.rows if row["decision"] in FLAGGED)
+
+    @property
+    def n_found(self) -> int:
+        """Slices whose final mask is not empty (decision `tumour`)."""
         return sum(1 for row in self.rows if row["decision"] == TUMOUR)
 
     @property
@@ -185,76 +204,9 @@ class DiagnosisResult:
 # --------------------------------------------------------------------------- names and paths
 
 
-def text(value: str) -> str:
-    """`value` made safe for a report: undecodable file-name bytes (surrogates) as `\\xNN`,
-    terminal escape sequences removed, other control characters (newlines too) as one space."""
-    escaped = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(" ", _TERMINAL_ESCAPE.sub("", escaped)).strip()
 
 
-def safe_stem(value: str, fallback: str) -> str:
-    """`value` as a file-name stem: `text`, runs of other than word characters, `.` and `-` as
-    one `_`, no leading or trailing `.`/`_`; `fallback` when nothing is left."""
-    return re.sub(r"[^\w.-]+", "_", text(value)).strip("._") or fallback
 
-
-def output_name(path: Path) -> str:
-    """Output base name of an input: `<stem>__<hash of its absolute path>` (module docstring)."""
-    digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
-    return f"{safe_stem(Path(path).stem, 'slice')}__{digest}"
-
-
-def output_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """Input path -> `output_name(path)`: unique per input path, the same in every run."""
-    return {p: output_name(p) for p in paths}
-
-
-def _signature(path: Path) -> list[int] | None:
-    """(size, mtime_ns) of an input, to notice when a journalled input has changed since."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _within(path: Path, folder: Path) -> bool:
-    path = safe_resolve(path)
-    return path == folder or path.is_relative_to(folder)
-
-
-class _Writer:
-    """Writes output files atomically, only inside OUT and never over an input."""
-
-    def __init__(self, out: Path, inputs: Sequence[Path]):
-        self.out = out
-        self.root = safe_resolve(out)
-        self.protected = {safe_resolve(p) for p in inputs}
-
-    def _target(self, relative: str) -> Path:
-        """OUT/`relative`; DataError (the input's row) if that lands outside OUT (e.g. through a
-        symlink already there) or on an input."""
-        target = self.out / relative
-        resolved = safe_resolve(target)
-        if not _within(resolved, self.root) or resolved in self.protected:
-            raise DataError(
-                f"refusing to write {text(relative)}: it resolves to {text(str(resolved))}, "
-                "outside the output folder or onto an input file",
-                [target],
-            )
-        return target
-
-    def png(self, relative: str, image: np.ndarray) -> str:
-        """Write `image` as the PNG OUT/`relative` (checked as `_target`)."""
-        atomic_write_bytes(self._target(relative), encode_png(image))
-        return relative
-
-    def nifti(self, relative: str, mask: np.ndarray, volume: Any) -> str:
-        """Write `mask` as the NIfTI OUT/`relative` on `volume`'s grid (checked as `_target`)."""
-        from pipeline.volumes.nifti_out import write_mask_nifti
-
-        write_mask_nifti(self._target(relative), mask, volume)
-        return relative
 
 
 # --------------------------------------------------------------------------- journal
@@ -377,7 +329,7 @@ def _result_row(path: Path, image: np.ndarray, result: Any) -> dict[str, Any]:
         height=int(image.shape[0]),
         width=int(image.shape[1]),
         probability=round(float(result.probability), 6),
-        decision=TUMOUR if result.is_tumor else NO_TUMOUR,
+        decision=decision(result.is_tumor, result.area_px),
         area_px=int(result.area_px),
         area_fraction=round(float(result.area_fraction_brain), 6),
         area_fraction_slice=round(float(result.area_fraction_slice), 6),
@@ -388,6 +340,16 @@ def _result_row(path: Path, image: np.ndarray, result: Any) -> dict[str, Any]:
     return row
 
 
+
+
+
+def _current_words(row: dict[str, Any]) -> dict[str, Any]:
+    """A journalled row with today's decision words (journals before FLAGGED_EMPTY said `tumour`)."""
+    if row.get("decision") == TUMOUR and not row.get("area_px"):
+        row["decision"] = FLAGGED_EMPTY
+    return row
+
+
 def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per patient (rows with a patient id): slices, failed, flagged, tumour volume (px), largest slice."""
     columns = [
@@ -395,6 +357,7 @@ def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
         "slices",
         "slices_failed",
         "slices_flagged",
+        "slices_tumour",
         "tumour_volume_px",
         "largest_slice",
         "largest_area_px",
@@ -411,7 +374,8 @@ def patient_summary(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "patient_id": patient,
                 "slices": len(group),
                 "slices_failed": int(group["error"].notna().sum()),
-                "slices_flagged": int((ok["decision"] == TUMOUR).sum()),
+                "slices_flagged": int(ok["decision"].isin(FLAGGED).sum()),
+                "slices_tumour": int((ok["decision"] == TUMOUR).sum()),
                 "tumour_volume_px": int(areas.sum()),
                 "largest_slice": largest["path"] if largest is not None else None,
                 "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
@@ -424,7 +388,8 @@ PATIENT_COLUMNS = (
     "patient_id",
     "slices",
     "slices_failed",
-    "slices_flagged",
+    "slices_flagged",  # flagged by the classifier (decision `tumour` or `flagged, nothing outlined`)
+    "slices_tumour",  # with a non-empty final mask (decision `tumour`)
     "tumour_volume_px",  # predicted pixels summed over the rows (a study's: on its model slices)
     "largest_slice",  # its path (a study's: `<source>#slice=<k>`, k an input slice index)
     "largest_area_px",
@@ -449,7 +414,8 @@ def study_patient_row(study: dict[str, Any], rows: Sequence[dict[str, Any]]) -> 
         "patient_id": study["study_id"],
         "slices": len(ok) if ok else 0,
         "slices_failed": len(rows) - len(ok),
-        "slices_flagged": sum(1 for r in ok if r["decision"] == TUMOUR),
+        "slices_flagged": sum(1 for r in ok if r["decision"] in FLAGGED),
+        "slices_tumour": sum(1 for r in ok if r["decision"] == TUMOUR),
         "tumour_volume_px": sum(int(r["area_px"] or 0) for r in ok),
         "largest_slice": f"{study['source']}#slice={largest['slice']}" if largest is not None else None,
         "largest_area_px": int(largest["area_px"]) if largest is not None else 0,
@@ -488,14 +454,17 @@ def _write_reports(
         columns=list(PATIENT_COLUMNS),
     )
     patients = patients.astype({c: "Int64" for c in ("slices", "slices_failed", "slices_flagged",
-                                                     "tumour_volume_px", "largest_area_px", "tumour_voxels")})
+                                                     "slices_tumour", "tumour_volume_px", "largest_area_px",
+                                                     "tumour_voxels")})
     with atomic_write(out / PATIENTS_CSV, "w", encoding="utf-8", newline="") as fh:
         patients.to_csv(fh, index=False)
     all_rows = [*rows, *study_rows]
     summary = {
         "inputs": len(all_rows),
         "failed": sum(1 for r in all_rows if r["error"]),
-        "flagged": sum(1 for r in all_rows if r["decision"] == TUMOUR),
+        "flagged": sum(1 for r in all_rows if r["decision"] in FLAGGED),
+        "found": sum(1 for r in all_rows if r["decision"] == TUMOUR),
+        "flagged_nothing_outlined": sum(1 for r in all_rows if r["decision"] == FLAGGED_EMPTY),
         "studies": len(studies),
         "studies_failed": sum(1 for st, _ in studies if st["error"]),
     }
@@ -511,31 +480,22 @@ def _write_reports(
     )
 
 
+def _write_page(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any],
+                studies: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]], paths: Sequence[Path],
+                study_inputs: Sequence[StudyInput]) -> None:
+    """OUT/index.html (`pipeline.inference.review`); a failure there is logged, never the run's."""
+    from pipeline.inference.review.page import write_review_page
+
+    try:
+        write_review_page(out, rows, settings, studies, slice_paths=paths, study_inputs=study_inputs)
+    except Exception:  # noqa: BLE001 - the reports are written; the page is a view of them
+        log.warning("could not write the review page %s", out / "index.html", exc_info=True)
+
+
 # --------------------------------------------------------------------------- the run
 
 
-def group_volumes(paths: Sequence[Path]) -> list[list[Path]]:
-    """Split `paths` into work units: studies (same folder and `<study>_<n>` stem, at least
-    `MIN_VOLUME_SLICES`, sorted by n) and single slices, each single a unit of its own."""
-    studies: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
-    for p in paths:
-        name = slice_name(p.stem)
-        if name is not None and not name.is_mask:
-            studies.setdefault((p.parent, name.study), []).append((name.number, p))
-    volume_of: dict[Path, tuple[Path, str]] = {}
-    for key, members in studies.items():
-        if len(members) >= MIN_VOLUME_SLICES:
-            volume_of.update({p: key for _, p in members})
-    units: list[list[Path]] = []
-    seen: set[tuple[Path, str]] = set()
-    for p in paths:
-        key = volume_of.get(p)
-        if key is None:
-            units.append([p])
-        elif key not in seen:
-            seen.add(key)
-            units.append([q for _, q in sorted(studies[key], key=lambda t: t[0])])
-    return units
+
 
 
 def _work_units(paths: Sequence[Path], batch_size: int, volumes: bool) -> list[tuple[list[Path], bool]]:
@@ -667,7 +627,7 @@ def _study_patient(name: str) -> str:
 
 
 def _diagnose_study(
-    study: StudyInput, pipe: Any, writer: _Writer, use_volume: bool, explain: bool
+    study: StudyInput, pipe: Any, writer: OutputWriter, use_volume: bool, explain: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Diagnose one volume study -> (its record (STUDY_KEYS), its rows, Grad-CAM impossible).
 
@@ -714,7 +674,7 @@ def _diagnose_study(
         rows.sort(key=lambda r: r["slice"])
         record.update(
             slices=len(rows),
-            slices_flagged=sum(1 for r in rows if r["decision"] == TUMOUR),
+            slices_flagged=sum(1 for r in rows if r["decision"] in FLAGGED),
             tumour_voxels=measures.voxels,
             tumour_volume_ml=measures.volume_ml,
             slice_range=list(measures.slice_range) if measures.slice_range else None,
@@ -760,7 +720,7 @@ def _check_locations(items: Sequence[str | os.PathLike], out: Path) -> None:
     inside = [
         str(item)
         for item in items
-        if Path(item).expanduser().exists() and _within(Path(item).expanduser(), root)
+        if Path(item).expanduser().exists() and within(Path(item).expanduser(), root)
     ]
     if inside:
         raise DataError(
@@ -771,7 +731,7 @@ def _check_locations(items: Sequence[str | os.PathLike], out: Path) -> None:
 
 
 def _write_outputs(
-    writer: _Writer, name: str, row: dict[str, Any], image: np.ndarray, result: Any, pipeline: Any,
+    writer: OutputWriter, name: str, row: dict[str, Any], image: np.ndarray, result: Any, pipeline: Any,
     explain: bool,
 ) -> bool:
     """Write the mask, overlay and (with `explain`) Grad-CAM of a flagged slice, filling `row`'s
@@ -810,7 +770,7 @@ def _load_unit(batch: Sequence[Path]) -> tuple[Loaded, Rows]:
 
 
 def _finish_unit(
-    writer: _Writer, names: dict[Path, str], loaded: Loaded, results: list[Any], failed: Rows,
+    writer: OutputWriter, names: dict[Path, str], loaded: Loaded, results: list[Any], failed: Rows,
     pipeline: Any, explain: bool,
 ) -> tuple[Rows, bool]:
     """Rows of a predicted unit, with the outputs of its flagged slices written
@@ -948,7 +908,7 @@ def run_diagnosis(
         "volume_domain": "axial PLS, 256x256 padded, uint8 as stored else min..max per channel",
     }
 
-    writer = _Writer(out, [*paths, *(s.path for s in studies)])
+    writer = OutputWriter(out, [*paths, *(s.path for s in studies)])
     names = output_names(paths)
     journal = _Journal(out / JOURNAL, settings)
     done = journal.load() if resume else {}
@@ -960,14 +920,14 @@ def run_diagnosis(
         if entry is None or entry.get("type") != "row" or not _outputs_present(out, entry["row"]):
             continue
         if entry.get("signature") == _signature(p):
-            rows[str(p)] = entry["row"]
+            rows[str(p)] = _current_words(entry["row"])
     study_results: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for study in studies:
         entry = done.get(study.key)
         if entry is None or entry.get("type") != "study" or not _study_outputs_present(out, entry):
             continue
         if entry.get("signature") == study.signature():
-            study_results[study.key] = (entry["study"], entry["rows"])
+            study_results[study.key] = (entry["study"], [_current_words(r) for r in entry["rows"]])
     resumed = len(rows) + len(study_results)
     todo = [p for p in paths if str(p) not in rows]
     studies_todo = [s for s in studies if s.key not in study_results]
@@ -1034,6 +994,7 @@ def run_diagnosis(
     ordered = [rows[str(p)] for p in paths]
     ordered_studies = [study_results[s.key] for s in studies]
     _write_reports(out, ordered, settings, ordered_studies)
+    _write_page(out, ordered, settings, ordered_studies, paths, studies)
     return DiagnosisResult(
         out=out,
         rows=ordered + [r for _, srows in ordered_studies for r in srows],
