@@ -61,4 +61,4 @@ def test_two_workers_train_one_pair_and_only_the_chief_writes(synthetic_root, tm
     load_pair(run_dir)
     result = evaluate(models=run_dir, data_dir=synthetic_root, split="test", cache_dir=work / "cache",
                       n_boot=20, progress=False, backend="keras")
-    assert result.report["classifier"]["n_slices"] > 0
+    assert 0 <= result.report["classifier"]["accuracy"] <= 1
