@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.inference.diagnose import run_diagnosis
+from pipeline.inference.diagnosis import run_diagnosis
 from tests.inference_helpers import stub_pipeline
 from tests.test_volumes import model_affine, model_study, write_nifti
 

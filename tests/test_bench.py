@@ -43,3 +43,15 @@ def test_bench_pipeline_times_keras_and_openvino_side_by_side(monkeypatch, tmp_p
     openvino_line = next(line for line in table.splitlines() if line.startswith("pipeline   openvino"))
     assert openvino_line.split()[-1] == "2.5"  # x keras float32 in the same run
     assert "flags:" in table
+
+
+def test_bench_diagnosis_times_a_whole_run_per_executor(tiny_pair, synthetic_root):
+    from pipeline.benchmarks import diagnosis
+
+    inputs = sorted(str(p) for p in synthetic_root.glob("*/*.tif") if not p.stem.endswith("_mask"))[:4]
+    row = diagnosis.measure({"executor": "local", "inputs": inputs, "pair_dir": str(tiny_pair),
+                             "batch_size": 2, "backend": "keras", "concurrency": 1})
+    assert row["slices"] == 4 and row["failed"] == 0 and row["cold_s"] > 0 and row["warm_slices_per_s"] > 0
+    ray_row = {**row, "executor": "ray", "cold_s": row["cold_s"] + 5.0, "warm_s": row["warm_s"] + 2.0}
+    table = diagnosis.format_report({"results": [row, ray_row]})
+    assert "Ray's overhead against local: +5.00 s cold, +2.00 s warm (1 actor(s))" in table

@@ -14,8 +14,8 @@ from PIL import Image
 
 from pipeline.commands import diagnose as command
 from pipeline.errors import DataError
-from pipeline.inference import diagnose
-from pipeline.inference.diagnose import JOURNAL, output_names, run_diagnosis
+from pipeline.inference import diagnosis as diagnose
+from pipeline.inference.diagnosis import JOURNAL, output_names, run_diagnosis
 from pipeline.inference.image_loading import (
     MAX_SIDE,
     expand_inputs,

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.commands import diagnose as command
-from pipeline.inference.diagnose import PATIENT_COLUMNS, STUDY_KEYS, run_diagnosis
+from pipeline.inference.diagnosis import PATIENT_COLUMNS, STUDY_KEYS, run_diagnosis
 from pipeline.inference.tumor_pipeline import TumorPipeline
 from pipeline.volumes.readers import read_volume
 from tests.inference_helpers import stub_pipeline

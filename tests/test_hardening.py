@@ -21,8 +21,8 @@ from PIL import Image
 
 from pipeline.commands import diagnose as command
 from pipeline.errors import DataError
-from pipeline.inference import diagnose
-from pipeline.inference.diagnose import JOURNAL, output_name, run_diagnosis
+from pipeline.inference import diagnosis as diagnose
+from pipeline.inference.diagnosis import JOURNAL, output_name, run_diagnosis
 from pipeline.inference.image_loading import load_slice
 from pipeline.inference.tumor_pipeline import TumorPipeline
 from pipeline.paths import PROJECT_ROOT
@@ -191,7 +191,7 @@ def test_a_damaged_journal_is_read_tolerantly(damage, redone, warning, synthetic
     assert run_diagnosis([folder], out, pipeline=stub_pipeline(), progress=False).exit_code == 0
     damage(out / JOURNAL)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.inference.diagnose"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference.diagnosis"):
         again = run_diagnosis([folder], out, pipeline=stub_pipeline(), progress=False)
     assert again.exit_code == 0 and warning in caplog.text
     assert again.resumed == len(inputs) - redone  # the damaged entries are diagnosed again

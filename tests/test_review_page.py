@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.commands import diagnose as command
 from pipeline.errors import DataError
-from pipeline.inference import diagnose
-from pipeline.inference.diagnose import FLAGGED_EMPTY, JOURNAL, NO_TUMOUR, TUMOUR, run_diagnosis
+from pipeline.inference import diagnosis as diagnose
+from pipeline.inference.diagnosis import FLAGGED_EMPTY, JOURNAL, NO_TUMOUR, TUMOUR, run_diagnosis
 from pipeline.inference.review import niivue
 from pipeline.inference.review.page import esc
 from tests.inference_helpers import stub_pipeline

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         result["inputs"] = f"{len(report['rows']) - report['studies'][0]['slices']} slices + 1 study"
         return _print(result, args)
 
-    from pipeline.inference.diagnose import StudyInput, run_diagnosis
+    from pipeline.inference.diagnosis import StudyInput, run_diagnosis
     from pipeline.paths import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)

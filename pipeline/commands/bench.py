@@ -1,8 +1,10 @@
-"""`python -m pipeline bench {models,pipeline}`: throughput benchmarks (measurements, not tests).
+"""`python -m pipeline bench {models,pipeline,diagnosis}`: throughput benchmarks (measurements, not tests).
 
 `models` times training and inference of each stage at 256x256 under each dtype policy of
 `--policies` (`pipeline.benchmarks.models`); `pipeline` runs the end-to-end benchmark of
-`pipeline.benchmarks.end_to_end` (whose flags it adds), each backend side by side.
+`pipeline.benchmarks.end_to_end` (whose flags it adds), each backend side by side; `diagnosis`
+a whole `diagnose` run per executor (`--executors local,ray`) on the same slice files
+(`pipeline.benchmarks.diagnosis`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from pipeline.benchmarks import end_to_end
 
-TARGETS = ("models", "pipeline")
+TARGETS = ("models", "pipeline", "diagnosis")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -45,12 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pair_arguments(group, unverified=False)
     add_data_arguments(group, cache=False)
     end_to_end.add_arguments(group)
+    group = parser.add_argument_group("diagnosis benchmark (also --n-slices, --batch-size, --models)")
+    group.add_argument("--executors", type=_csv, default=("local", "ray"),
+                       help="comma-separated executors to time (default local,ray)")
+    group.add_argument("--concurrency", type=int, default=1, help="Ray actors (default 1)")
+    group.add_argument("--ray-address", default=None,
+                       help="an existing Ray cluster (default: a local instance)")
+    group.add_argument("--ray-cpus", type=int, default=None,
+                       help="CPUs of the local Ray instance (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark, print its table, optionally write JSON. Returns the exit code."""
     if args.target == "pipeline":
         return int(end_to_end.run(args) or 0)
+    if args.target == "diagnosis":
+        from pipeline.benchmarks import diagnosis
+
+        return int(diagnosis.run(args) or 0)
 
     from pipeline.benchmarks import models as bench_models
     from pipeline.io_utils import atomic_write_json

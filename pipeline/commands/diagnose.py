@@ -76,14 +76,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--study-id", metavar="NAME", default=None, help="name of that study (default: the FLAIR source's)"
     )
     add_backend_arguments(parser)
+    _add_executor_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "executor", "who runs the work: this process, or a Ray cluster. With ray, every node writes "
+        "into OUT itself: OUT and the inputs must be on a filesystem every node sees at the same path.",
+    )
+    group.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local (default): this process; ray: a Ray Data job, the models loaded "
+                       "once per actor")
+    group.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="an existing Ray cluster (auto: the one `ray start` made here); "
+                       "default: a local instance")
+    group.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                       help="CPUs of the local instance (default: all)")
+    group.add_argument("--concurrency", type=int, default=1, metavar="N",
+                       help="Ray actors, each with its own copy of the models (default: 1)")
+    group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="N",
+                       help="CPUs each actor reserves (default: 1)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="N",
+                       help="GPUs each actor reserves (default: 0)")
+
+
+def _executor(args: argparse.Namespace) -> object:
+    """The executor `args` ask for: "local", or a RayExecutor with the cluster options."""
+    if args.executor == "local":
+        return "local"
+    from pipeline.inference.diagnosis.executors import make_executor
+
+    return make_executor(
+        "ray", address=args.ray_address, concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, num_cpus=args.ray_cpus,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the diagnosis described by `args`; print a summary and return the exit code."""
     from pipeline.commands.arguments import point_overrides
     from pipeline.errors import DataError
-    from pipeline.inference.diagnose import run_diagnosis
+    from pipeline.inference.diagnosis import run_diagnosis
 
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
@@ -94,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         point_overrides(args)
+        executor = _executor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -118,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             study_id=args.study_id,
             backend=args.backend,
             precision=args.precision,
+            executor=executor,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

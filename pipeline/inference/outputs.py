@@ -1,6 +1,6 @@
 """What a diagnosis writes and calls things: decision words, output names, work units, the safe writer.
 
-Shared by `pipeline.inference.diagnose` and the review page (`pipeline.inference.review`), so
+Shared by the diagnosis (`pipeline.inference.diagnosis`) and the review page (`pipeline.inference.review`), so
 neither imports the other for them.
 """
 

@@ -31,7 +31,7 @@ from pipeline.data.splits import SPLITS_FILE
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.backbone_weights import SCRATCH_LABEL, from_scratch
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
-from pipeline.models.precision import apply_policy
+from pipeline.models.precision import apply_policy, resolve_policy
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     LATEST_FILE,
     LATEST_LINK,
@@ -43,7 +43,7 @@ from pipeline.training.calibration import calibrate_on_validation
 from pipeline.training.classifier_training import StageResult, train_classifier
 from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
-from pipeline.training.distribute import get_strategy, is_chief
+from pipeline.training.distribute import get_strategy, is_chief, worker_dir, worker_settings
 from pipeline.training.phase import read_marker
 from pipeline.training.segmenter_training import train_segmenter
 
@@ -141,6 +141,15 @@ def train_run(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     run_dir = Path(run_dir).absolute()
+    # multi_worker: the strategy comes before any other TensorFlow call (collective ops)
+    strategy = get_strategy(config.training.strategy)
+    with worker_dir(run_dir) as own_dir:
+        return _train_in(config, own_dir, stage, classifier_from, strategy)
+
+
+def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | os.PathLike | None,
+              strategy: Any) -> dict[str, Any]:
+    """`train_run` in `run_dir` (this worker's own folder) under `strategy`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with _log_to(run_dir / "train.log"):
@@ -149,9 +158,13 @@ def train_run(
         if is_chief():
             mark_latest(run_dir, runs_root(config).absolute())
         log.info("run directory: %s", run_dir)
-        policy = apply_policy(config.training.policy)
+        log.info("distribution: %s with %d replica(s)", type(strategy).__name__,
+                 strategy.num_replicas_in_sync)
+        training = config.training
+        policy, eager = worker_settings(strategy, resolve_policy(training.policy), training.run_eagerly)
+        config = replace_in(config, "training.run_eagerly", eager)
+        policy = apply_policy(policy)
         keras.utils.set_random_seed(config.training.seed)
-        strategy = get_strategy(config.training.strategy)
         log.info("dtype policy %s; classifier backbone weights: %s", policy, _weights_label(config))
         data = prepare_data(config.data)
         copy_splits(data, run_dir)

@@ -1,0 +1,169 @@
+"""The resume journal OUT/.progress.jsonl: a config line, then one line per finished input.
+
+A re-run with the same settings drops what the journal already has (`resumed`), unless the input
+changed (size and mtime) or one of its outputs is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.inference.diagnosis.schema import (
+    COLUMNS,
+    JOURNAL_VERSION,
+    OUTPUT_COLUMNS,
+    STUDY_KEYS,
+    current_words,
+)
+from pipeline.inference.outputs import signature
+from pipeline.io_utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+Rows = dict[str, dict[str, Any]]
+Studies = dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]
+
+
+class Journal:
+    """Append-only JSON-lines record of finished inputs: a config line, then one line per input."""
+
+    def __init__(self, path: Path, config: dict[str, Any]):
+        self.path = path
+        self.config = {"type": "config", "version": JOURNAL_VERSION, **config}
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Entries of a journal written with the same config ({} otherwise), keyed by input path.
+
+        Tolerant: unreadable bytes, lines that are not JSON objects and rows missing their keys
+        are skipped with a warning (those inputs are diagnosed again); a damaged or different
+        first line means starting afresh.
+        """
+        if not self.path.is_file():
+            return {}
+        try:
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            log.warning("%s: cannot read the journal (%s); starting afresh", self.path, exc)
+            return {}
+        header = json_line(lines[0]) if lines else None
+        if header != self.config:
+            if isinstance(header, dict) and header.get("type") == "config":
+                log.warning("%s was written with other models or settings; starting afresh", self.path)
+            else:
+                log.warning("%s: damaged journal header; starting afresh", self.path)
+            return {}
+        entries: dict[str, dict[str, Any]] = {}
+        for number, line in enumerate(lines[1:], start=2):
+            record = json_line(line)
+            if not (is_row_record(record) or is_study_record(record)):  # e.g. cut short: redone
+                log.warning("%s: ignoring damaged line %d", self.path, number)
+                continue
+            entries[record["key"]] = record
+        return entries
+
+    def reset(self) -> None:
+        with atomic_write(self.path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.config) + "\n")
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append `records` and fsync, so a finished batch survives a crash."""
+        if not records:
+            return
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(fh.tell() - 1)
+                if fh.read(1) != "\n":  # an earlier append was cut short
+                    fh.write("\n")
+            fh.write("".join(json.dumps(r, default=str) + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def is_row_record(record: Any) -> bool:
+    """A journal row of this version: its key, the input's signature and a complete row."""
+    return (
+        isinstance(record, dict)
+        and record.get("type") == "row"
+        and isinstance(record.get("key"), str)
+        and isinstance(record.get("row"), dict)
+        and set(COLUMNS) <= set(record["row"])
+        and (record.get("signature") is None or isinstance(record.get("signature"), list))
+    )
+
+
+def is_study_record(record: Any) -> bool:
+    """A journalled volume study: its key, signature, complete rows and study record."""
+    return (
+        isinstance(record, dict)
+        and record.get("type") == "study"
+        and isinstance(record.get("key"), str)
+        and isinstance(record.get("rows"), list)
+        and bool(record["rows"])
+        and all(isinstance(r, dict) and set(COLUMNS) <= set(r) for r in record["rows"])
+        and isinstance(record.get("study"), dict)
+        and set(STUDY_KEYS) <= set(record["study"])
+        and (record.get("signature") is None or isinstance(record.get("signature"), list))
+    )
+
+
+def outputs_present(out: Path, row: dict[str, Any]) -> bool:
+    """True when every output file a journalled row names is still in OUT."""
+    return all(not row.get(key) or (out / row[key]).is_file() for key in OUTPUT_COLUMNS)
+
+
+def study_outputs_present(out: Path, entry: dict[str, Any]) -> bool:
+    mask = entry["study"].get("mask_nifti")
+    return (not mask or (out / mask).is_file()) and all(outputs_present(out, r) for r in entry["rows"])
+
+
+def resumed(done: dict[str, dict[str, Any]], out: Path, paths: Sequence[Path],
+            studies: Sequence[Any]) -> tuple[Rows, Studies]:
+    """What the journal entries `done` already hold of `paths` and `studies` (StudyInput): the
+    rows by path and the (record, rows) by study key, each unchanged and with its outputs in OUT."""
+    rows: Rows = {}
+    for p in paths:
+        entry = done.get(str(p))
+        if entry is None or entry.get("type") != "row" or not outputs_present(out, entry["row"]):
+            continue
+        if entry.get("signature") == signature(p):
+            rows[str(p)] = current_words(entry["row"])
+    study_results: Studies = {}
+    for study in studies:
+        entry = done.get(study.key)
+        if entry is None or entry.get("type") != "study" or not study_outputs_present(out, entry):
+            continue
+        if entry.get("signature") == study.signature():
+            study_results[study.key] = (entry["study"], [current_words(r) for r in entry["rows"]])
+    return rows, study_results
+
+
+def slice_records(paths: Sequence[Path], rows: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Journal records of a finished unit of slices, in input order."""
+    return [{"type": "row", "key": str(p), "signature": signature(p), "row": rows[p]} for p in paths]
+
+
+def study_record(study: Any, record: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The journal record of a finished volume study."""
+    return {"type": "study", "key": study.key, "signature": study.signature(), "rows": rows, "study": record}
+
+
+def take(records: Sequence[dict[str, Any]], rows: Rows, studies: Studies) -> None:
+    """Put the journal `records` of a finished unit into `rows` and `studies`."""
+    for r in records:
+        if r["type"] == "row":
+            rows[r["key"]] = r["row"]
+        else:
+            studies[r["key"]] = (r["study"], r["rows"])
