@@ -172,3 +172,16 @@ def stub_segmenter() -> keras.Model:
     """A Keras segmenter that answers the mask encoded in each image."""
     inputs = keras.Input((None, None, 3))
     return keras.Model(inputs, ReadMask()(inputs), name="stub_segmenter")
+
+
+def evaluate_hand_built(out, n_boot: int = 200):
+    """(case, EvaluationResult) of the stub pipeline on `hand_built_case()`, written into `out`."""
+    from pipeline.evaluation import evaluate as ev
+
+    case = hand_built_case()
+    result = ev.evaluate_pipeline(
+        StubPipeline(case.threshold), stub_segment, case.rows, case.images, case.masks, out,
+        threshold=case.threshold, batch_size=3, n_boot=n_boot, seed=7,
+        provenance={"split": "hand-built", "models_dir": "stubs"}, progress=False,
+    )
+    return case, result

@@ -21,6 +21,7 @@ from pipeline.paths import resolve_pair
 from tests.evaluation_helpers import (
     SIZE,
     StubPipeline,
+    evaluate_hand_built,
     hand_built_case,
     stub_classifier,
     stub_segment,
@@ -41,23 +42,7 @@ def _strict_json(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def hand_built_result(tmp_path_factory):
-    case = hand_built_case()
-    out = tmp_path_factory.mktemp("hand_built")
-    result = ev.evaluate_pipeline(
-        StubPipeline(case.threshold),
-        stub_segment,
-        case.rows,
-        case.images,
-        case.masks,
-        out,
-        threshold=case.threshold,
-        batch_size=3,
-        n_boot=200,
-        seed=7,
-        provenance={"split": "hand-built", "models_dir": "stubs"},
-        progress=False,
-    )
-    return case, result
+    return evaluate_hand_built(tmp_path_factory.mktemp("hand_built"), n_boot=200)
 
 
 # --------------------------------------------------------------------------- exact numbers

@@ -167,24 +167,9 @@ def test_without_niivue_the_page_works_and_says_how_to_enable_3d(
 
 
 def test_the_evaluation_report_html_sorts_its_per_patient_table(browser, tmp_path):
-    from pipeline.evaluation import evaluate as ev
-    from tests.evaluation_helpers import StubPipeline, hand_built_case, stub_segment
+    from tests.evaluation_helpers import evaluate_hand_built
 
-    case = hand_built_case()
-    result = ev.evaluate_pipeline(
-        StubPipeline(case.threshold),
-        stub_segment,
-        case.rows,
-        case.images,
-        case.masks,
-        tmp_path,
-        threshold=case.threshold,
-        batch_size=3,
-        n_boot=20,
-        seed=7,
-        provenance={"split": "hand-built", "models_dir": "stubs"},
-        progress=False,
-    )
+    _, result = evaluate_hand_built(tmp_path, n_boot=20)
     page = browser.open(result.files["report_html"])
     assert page.errors == []
     assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 100)")
