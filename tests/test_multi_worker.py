@@ -27,11 +27,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_workers_train_one_pair_and_only_the_chief_writes(synthetic_root, tmp_path):
+def test_two_workers_train_one_pair_and_only_the_chief_writes(synthetic_root, tiny_pair, tmp_path):
     work, run_dir = tmp_path / "work", tmp_path / "run"
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    # the segmenter trains on both workers; the classifier comes from the tiny pair, which keeps the
+    # test short (a ResNet50 traced under the collective strategy costs minutes on 2 cores)
     args = quick_args(synthetic_root, work, run_dir, "--set", "training.strategy=multi_worker",
-                      "--set", "segmenter.epochs=2")
+                      "--set", "segmenter.epochs=2", "--stage", "segmenter",
+                      "--classifier-from", str(tiny_pair))
     processes = []
     for index in range(2):
         scratch = tmp_path / f"tmp{index}"
@@ -47,7 +50,7 @@ def test_two_workers_train_one_pair_and_only_the_chief_writes(synthetic_root, tm
     log = (run_dir / "train.log").read_text(encoding="utf-8")
     assert "CollectiveAllReduceStrategy with 2 replica(s)" in log
     # the chief wrote the run: checkpoints, histories, the pair
-    for name in ("classifier.keras", "segmenter.keras", "pipeline.json", "classifier/best.keras",
+    for name in ("classifier.keras", "segmenter.keras", "pipeline.json", "segmenter/best.keras",
                  "segmenter/history_train.csv"):
         assert (run_dir / name).is_file(), name
     # the other worker wrote into a scratch folder of its own, removed at the end
