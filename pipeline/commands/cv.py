@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {"variants": {}, "paired": {}}
     try:
         for variant in dict.fromkeys([*args.variants, baseline]):
-            summary = write_summary(variant, n_boot=args.n_boot)
-            print(render_summary(str(variant), summary, summary.pop("_curve")))
+            summary, curve = write_summary(variant, n_boot=args.n_boot)
+            print(render_summary(str(variant), summary, curve))
             results["variants"][str(variant)] = summary
         for variant in args.variants:
             if variant == baseline:

@@ -169,8 +169,10 @@ def render_summary(name: str, summary: dict[str, Any], curve: pd.DataFrame | Non
     return "\n".join(lines) + "\n"
 
 
-def write_summary(variant: str | os.PathLike, n_boot: int = 2000) -> dict[str, Any]:
-    """Pool `variant`'s folds, summarise them and write ``oof/summary.json`` and ``oof/epochs.csv``."""
+def write_summary(variant: str | os.PathLike, n_boot: int = 2000) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Pool `variant`'s folds, summarise them, write ``oof/summary.json`` and ``oof/epochs.csv``.
+
+    Returns (the summary, the pooled epoch curve)."""
     pooled = pool_folds(variant)
     summary = summarize_pooled(pooled, n_boot=n_boot)
     curve = epoch_curve(variant)
@@ -184,5 +186,4 @@ def write_summary(variant: str | os.PathLike, n_boot: int = 2000) -> dict[str, A
         best = choose_point(grid)
         summary["pooled_operating_point"] = {k: float(best[k]) for k in (*GRID_KEYS, "mean_patient_dice")}
     atomic_write_json(pooled / "summary.json", summary)
-    summary["_curve"] = curve
-    return summary
+    return summary, curve
