@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.index import index_dataset
-from pipeline.data.splits import assert_no_leakage, fold_split, make_folds, make_splits
+from pipeline.data.splits import all_folds_split, assert_no_leakage, fold_split, make_folds, make_splits
 from pipeline.errors import DataError
 from pipeline.evaluation.cross_validation import epoch_curve, pool_folds, summarize_pooled
 from tests.training_helpers import quick_args, run_cli
@@ -173,3 +173,51 @@ def test_the_pooled_calibration_grid_weights_each_fold_by_its_patients(tmp_path)
     assert at[-1] == pytest.approx((3 * 0.6 + 0.4) / 4)
     assert pooled["fp_px"].iloc[0] == 20.0
     assert choose_point(pooled)["threshold"] == 0.5  # 0.75 beats 0.65; fold 1's lone 0.99 does not count
+
+
+FIXED_POINT = "calibration.fixed={threshold: 0.3, seg_threshold: 0.5, min_component_px: 10, min_volume_px: 50}"
+
+
+def test_fold_all_needs_a_fixed_operating_point_and_a_valid_one():
+    from pipeline.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="calibration.fixed"):
+        load_config(overrides=["data.fold=all"])
+    with pytest.raises(ConfigError, match="threshold"):
+        load_config(overrides=["data.fold=all", "calibration.fixed={threshold: 1.5, seg_threshold: 0.5, "
+                               "min_component_px: 0}"])
+    with pytest.raises(ConfigError, match="fold"):
+        load_config(overrides=["data.fold=every"])
+    assert load_config(overrides=["data.fold=all", FIXED_POINT]).data.fold == "all"
+
+
+def test_all_folds_split_trains_every_train_and_validation_patient_and_keeps_the_test_patients():
+    splits = make_splits(_index(), fractions=(0.6, 0.2, 0.2), seed=1)
+    final = all_folds_split(splits)
+    assert set(final["split"]) == {"train", "test"}
+    for side in ("test",):
+        assert set(final.loc[final["split"] == side, "patient_id"]) == set(
+            splits.loc[splits["split"] == side, "patient_id"])
+    assert set(final.loc[final["split"] == "train", "patient_id"]) == set(
+        splits.loc[splits["split"].isin(("train", "val")), "patient_id"])
+
+
+@pytest.mark.slow
+def test_train_fold_all_trains_on_every_fold_keeps_the_last_epoch_and_the_fixed_point(
+        synthetic_root, tiny_pair, tmp_path):
+    run = tmp_path / "final"
+    args = quick_args(synthetic_root, tmp_path, run, "--stage", "segmenter", "--fold", "all",
+                      "--classifier-from", str(tiny_pair), "--set", FIXED_POINT)
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = pd.read_csv(run / "splits.csv")
+    assert "val" not in set(final["split"])
+    meta = json.loads((run / "pipeline.json").read_text())
+    assert (meta["threshold"], meta["min_component_px"], meta["min_volume_px"]) == (0.3, 10, 50)
+    assert meta["validation"]["fixed"] is True and meta["validation"]["val_patients"] == 0
+    history = pd.read_csv(run / "segmenter" / "history.csv")
+    assert len(history) == 3  # the quick preset's epochs, none stopped early
+    assert history.filter(like="val_").isna().all().all()  # nothing validated (Keras writes NA columns)
+    refused = run_cli(quick_args(synthetic_root, tmp_path, tmp_path / "both", "--fold", "all",
+                                 "--set", FIXED_POINT))
+    assert refused.returncode != 0 and "--stage segmenter" in refused.stderr

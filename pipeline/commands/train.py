@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which stage(s) to train (default: %(default)s)",
     )
     parser.add_argument(
-        "--fold", type=int, metavar="K",
+        "--fold", type=_fold, metavar="K",
         help="cross-validation: train on the other folds of the train + validation patients and validate "
-        "on fold K (0-based; the test patients never enter a fold); sets data.fold",
+        "on fold K (0-based; the test patients never enter a fold); 'all': every fold trains, none "
+        "validates (the final model; needs calibration.fixed); sets data.fold",
     )
     parser.add_argument("--folds", type=int, metavar="N",
                         help="number of folds with --fold (data.folds, default 5)")
@@ -78,6 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --stage segmenter and no classifier in the run: take the classifier of this pair "
         "folder (default: %(default)s, the committed release); 'none' to leave the pair unsaved",
     )
+
+
+def _fold(text: str) -> int | str:
+    """`--fold` value: a fold number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or 'all', got {text!r}") from None
 
 
 def resolve_config(args: argparse.Namespace):
@@ -126,9 +137,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run directory: {summary['run_dir']}")
     if summary["pair_saved"]:
         cal = summary["calibration"]
-        print(
-            f"model pair: {summary['run_dir']}/classifier.keras, segmenter.keras, pipeline.json "
-            f"(threshold {cal['threshold']:.2f}, "
-            f"validation mean per-patient Dice {cal['val_mean_patient_dice']:.4f})"
-        )
+        scored = ("operating point fixed by calibration.fixed" if cal.get("fixed") else
+                  f"validation mean per-patient Dice {cal['val_mean_patient_dice']:.4f}")
+        print(f"model pair: {summary['run_dir']}/classifier.keras, segmenter.keras, pipeline.json "
+              f"(threshold {cal['threshold']:.2f}, {scored})")
     return 0

@@ -35,6 +35,7 @@ __all__ = [
     "split_table",
     "make_folds",
     "fold_split",
+    "all_folds_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,17 @@ def fold_split(splits: pd.DataFrame, folds_df: pd.DataFrame, fold: int) -> pd.Da
     test = set(splits.loc[splits["split"] == "test", "patient_id"])
     rows = [(p, "train") for p in train] + [(p, "val") for p in val] + [(p, "test") for p in test]
     out = pd.DataFrame(rows, columns=SPLIT_COLUMNS).sort_values("patient_id", kind="stable")
+    assert_no_leakage(out)
+    return out.reset_index(drop=True)
+
+
+def all_folds_split(splits: pd.DataFrame) -> pd.DataFrame:
+    """DataFrame[patient_id, split] with every train and validation patient training and none validating.
+
+    For the final model retrained on all folds (``data.fold: all``); the test patients stay test.
+    """
+    out = splits[["patient_id", "split"]].copy()
+    out.loc[out["split"] == "val", "split"] = "train"
     assert_no_leakage(out)
     return out.reset_index(drop=True)
 

@@ -155,7 +155,7 @@ def phase_callbacks(
     label: str,
     phase_dir: Path,
     name: str,
-    monitor: str,
+    monitor: str | None,
     epochs: int,
     patience: int,
     lr_schedule: str,
@@ -170,26 +170,21 @@ def phase_callbacks(
 ) -> tuple[list[keras.callbacks.Callback], TimeBudget]:
     """Callbacks of one phase writing into `phase_dir` (the stage folder); returns them and the budget.
 
+    `monitor` None (no validation data): no selection, early stopping or plateau; the
+    checkpoint holds the last finished epoch.
+
     Files: `checkpoint_path` (best epoch on `monitor`, mode max), ``history_<name>.csv``,
     ``tensorboard/<name>/`` and the BackupAndRestore state in ``backup_<name>/`` (removed by
     Keras once the phase finishes). `initial_best` carries the best value of earlier phases
     or of the run before a resume, so the checkpoint only moves on real improvement.
     """
     budget = TimeBudget(budget_minutes, label=label, started_at=started_at)
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.ModelCheckpoint(
-            str(checkpoint_path),
-            monitor=monitor,
-            mode="max",
-            save_best_only=True,
-            save_weights_only=save_weights_only,
-            initial_value_threshold=initial_best,
-        ),
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=patience, restore_best_weights=True
-        ),
-    ]
-    if lr_schedule == "plateau":
+    if monitor is None:  # nothing validates: every epoch overwrites the checkpoint, the last one stays
+        callbacks: list[keras.callbacks.Callback] = [keras.callbacks.ModelCheckpoint(
+            str(checkpoint_path), save_best_only=False, save_weights_only=save_weights_only)]
+    else:
+        callbacks = _selection_callbacks(monitor, patience, checkpoint_path, save_weights_only, initial_best)
+    if lr_schedule == "plateau" and monitor is not None:
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
                 monitor=monitor, mode="max", factor=plateau_factor, patience=plateau_patience, min_lr=min_lr
@@ -210,6 +205,24 @@ def phase_callbacks(
     if hook is not None:
         callbacks.append(hook)  # last: everything about the epoch is on disk when it fires
     return callbacks, budget
+
+
+def _selection_callbacks(monitor: str, patience: int, checkpoint_path: Path, save_weights_only: bool,
+                         initial_best: float | None) -> list[keras.callbacks.Callback]:
+    """ModelCheckpoint of the best epoch on `monitor` (mode max) and EarlyStopping on it."""
+    return [
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint_path),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=save_weights_only,
+            initial_value_threshold=initial_best,
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max", patience=patience, restore_best_weights=True
+        ),
+    ]
 
 
 def tensorboard_available() -> bool:

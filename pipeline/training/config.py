@@ -51,8 +51,9 @@ class DataConfig:
     skip_bad: bool = False
     # Cross-validation: with `fold` set, the train and validation patients of `splits` are dealt
     # into `folds` folds (pipeline.data.splits.make_folds); fold `fold` validates, the rest train.
-    # The test patients never enter a fold.
-    fold: int | None = None
+    # The test patients never enter a fold. ``all``: every fold trains and none validates (the final
+    # model retrained on all of them, with the epoch count and operating point the folds chose).
+    fold: int | str | None = None
     folds: int = 5
 
 
@@ -171,6 +172,9 @@ class CalibrationConfig:
     min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400, 800)
     neighbour_weights: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
     mask_threshold: float = 0.5
+    # An operating point used as it is instead of the grid search (the `OperatingPoint` fields);
+    # required when no patient validates (data.fold: all), e.g. the one the folds chose.
+    fixed: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -327,10 +331,7 @@ def _validate(config: Config, source: str) -> Config:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}", [source])
     _check_augment_params(config.segmenter.augment.params, source)
-    d = config.data
-    if d.folds < 2 or (d.fold is not None and not 0 <= d.fold < d.folds):
-        raise ConfigError(f"data.fold / data.folds: need folds >= 2 and 0 <= fold < folds, "
-                          f"got fold={d.fold}, folds={d.folds}", [source])
+    _check_folds(config, source)
     s = config.segmenter
     bad = (s.encoder_stages not in (3, 4, 5) or len(s.decoder_filters) != s.encoder_stages
            or not 0 <= s.encoder_trainable < s.encoder_stages)
@@ -347,6 +348,25 @@ def _validate(config: Config, source: str) -> Config:
     if any(v < 0 for v in (*cal.min_volume_px, *cal.min_component_px)) or not cal.min_volume_px:
         raise ConfigError("calibration.min_volume_px / min_component_px: values must be >= 0", [source])
     return config
+
+
+def _check_folds(config: Config, source: str) -> None:
+    """data.fold is None, 0..folds-1 or 'all'; 'all' (no validation patients) needs calibration.fixed."""
+    d, fixed = config.data, config.calibration.fixed
+    numbered = isinstance(d.fold, int) and 0 <= d.fold < d.folds
+    if d.folds < 2 or not (d.fold is None or d.fold == "all" or numbered):
+        raise ConfigError(f"data.fold / data.folds: need folds >= 2 and fold 0..folds-1 or 'all', "
+                          f"got fold={d.fold!r}, folds={d.folds}", [source])
+    if d.fold == "all" and fixed is None:
+        raise ConfigError("data.fold 'all' leaves no validation patient to calibrate on: set "
+                          "calibration.fixed to the operating point the folds chose", [source])
+    if fixed is not None:
+        from pipeline.postprocessing import OperatingPoint  # lazy, like AugmentParams below
+
+        try:
+            OperatingPoint(**fixed)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"calibration.fixed: {exc}", [source]) from exc
 
 
 def _check_augment_params(params: Mapping[str, Any], source: str) -> None:

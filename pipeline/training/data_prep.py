@@ -19,6 +19,7 @@ from pipeline.data.array_cache import load_arrays
 from pipeline.data.index import index_dataset, summarize
 from pipeline.data.splits import (
     SPLITS_FILE,
+    all_folds_split,
     assert_no_leakage,
     ensure_splits,
     fold_split,
@@ -98,16 +99,20 @@ def prepare_data(cfg: DataConfig) -> TrainingData:
     splits = ensure_splits(index, splits_path, fractions=tuple(cfg.fractions), seed=cfg.seed)
     assert_no_leakage(splits)
     log.info("patient split %s: %s", splits.attrs.get("source", "loaded"), splits_path)
-    if cfg.fold is not None:
+    if cfg.fold == "all":
+        splits = all_folds_split(splits)
+        log.info("final model: all %d train + validation patients train, none validates (test held out)",
+                 (splits["split"] == "train").sum())
+    elif cfg.fold is not None:
         splits = fold_split(splits, make_folds(index, splits, cfg.folds, cfg.seed), cfg.fold)
         log.info("cross-validation fold %d of %d: %d train / %d validation patients (test held out)",
                  cfg.fold, cfg.folds, (splits["split"] == "train").sum(), (splits["split"] == "val").sum())
     train_pos = positions_for_split(index, splits, "train")
     val_pos = positions_for_split(index, splits, "val")
-    if len(train_pos) == 0 or len(val_pos) == 0:
+    if len(train_pos) == 0 or (len(val_pos) == 0 and cfg.fold != "all"):
         raise DataError(
             f"the split leaves {len(train_pos)} training and {len(val_pos)} validation slices; "
-            "both stages need some of each",
+            "both stages need some of each (only data.fold 'all' trains without validation)",
             [splits_path],
         )
     arrays = load_arrays(index, cache)

@@ -88,7 +88,7 @@ def fit_phase(
     epochs: int,
     steps_per_epoch: int | None,
     validation_steps: int | None = None,
-    monitor: str,
+    monitor: str | None,
     training: TrainingConfig,
     budget_minutes: float,
     checkpoint_path: Path,
@@ -105,8 +105,9 @@ def fit_phase(
     models) is done, so a crash in between re-runs the phase instead of skipping it.
     `train`/`val` are what `model.fit` takes (a `tf.data.Dataset` or a (x, y) tuple for `train`
     with `fit_kwargs` such as ``batch_size``). The best epoch on `monitor` (mode max) is
-    saved to `checkpoint_path`; the best value (including `initial_best` and the rows of a
-    run that was interrupted) is returned in the result. `extra_callbacks` run first each
+    saved to `checkpoint_path` (`monitor` None, nothing validates: the last epoch); the best
+    value (including `initial_best` and the rows of a run that was interrupted) is returned
+    in the result. `extra_callbacks` run first each
     epoch, so metrics they add to the logs (`pipeline.training.selection`) can be monitored.
     """
     stage_dir = Path(stage_dir)
@@ -114,7 +115,8 @@ def fit_phase(
     history_csv = cb.history_path(stage_dir, name)
     done_epochs = cb.restored_epoch(stage_dir, name)
     cb.trim_history(history_csv, done_epochs)  # CSV rows == epochs the backup holds
-    best_so_far = _max(initial_best, cb.best_in_history(history_csv, monitor) if done_epochs else None)
+    resumed_best = cb.best_in_history(history_csv, monitor) if done_epochs and monitor else None
+    best_so_far = _max(initial_best, resumed_best)
     if done_epochs:
         log.info("%s: resuming after epoch %d of %d (best %s so far %s)",
                  label, done_epochs, epochs, monitor, best_so_far)
@@ -150,7 +152,7 @@ def fit_phase(
             **kwargs,
         )
     rows = cb.read_history(history_csv)
-    best = _max(initial_best, cb.best_in_history(history_csv, monitor))
+    best = _max(initial_best, cb.best_in_history(history_csv, monitor) if monitor else None)
     stopped_by = _stopped_by(callbacks, budget)
     result = PhaseResult(name, len(rows), best, (time.monotonic() - started_at) / 60, stopped_by,
                          {"monitor": monitor, "planned_epochs": epochs})

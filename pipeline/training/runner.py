@@ -32,6 +32,7 @@ from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.backbone_weights import SCRATCH_LABEL, from_scratch
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy, resolve_policy
+from pipeline.postprocessing import OperatingPoint
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     LATEST_FILE,
     LATEST_LINK,
@@ -41,7 +42,7 @@ from pipeline.paths import (  # noqa: F401 - latest_run re-exported
 )
 from pipeline.training.calibration import calibrate_on_validation
 from pipeline.training.classifier_training import StageResult, train_classifier
-from pipeline.training.config import Config, config_to_dict, dump_config, project_path, replace_in
+from pipeline.training.config import Config, ConfigError, config_to_dict, dump_config, project_path, replace_in
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
 from pipeline.training.distribute import get_strategy, is_chief, worker_dir, worker_settings
 from pipeline.training.phase import read_marker
@@ -169,6 +170,9 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
         data = prepare_data(config.data)
         copy_splits(data, run_dir)
 
+        if config.data.fold == "all" and stage != "segmenter":
+            raise ConfigError("data.fold 'all' trains the segmenter only (--stage segmenter): the "
+                              "classifier's selection and early stopping need validation patients")
         results: dict[str, StageResult] = {}
         cls_dir, seg_dir = run_dir / "classifier", run_dir / "segmenter"
         if stage in ("classifier", "all") or _stage_done(cls_dir, ("head", "finetune")):
@@ -195,15 +199,28 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
     return summary
 
 
-def _calibrate_and_save(
-    config: Config, data: TrainingData, results: dict[str, StageResult], run_dir: Path, policy: str
-) -> dict[str, Any]:
+def _operating_point(config: Config, data: TrainingData, results: dict[str, StageResult],
+                     run_dir: Path) -> tuple[OperatingPoint, dict[str, Any]]:
+    """(operating point, its validation record): `calibration.fixed` as given, else the grid
+    searched on the validation patients (`calibrate_on_validation`, grid in calibration_grid.csv)."""
+    fixed = config.calibration.fixed
+    if fixed is not None:
+        point = OperatingPoint(**fixed)
+        log.info("operating point fixed by calibration.fixed (not searched): %s", point)
+        return point, {**point.to_json(), "fixed": True, "val_patients": len(data.patients(data.val_pos))}
     result = calibrate_on_validation(
         results["classifier"].model, results["segmenter"].model, data, config.calibration,
         run_dir / "calibration_grid.csv", batch_size=config.segmenter.batch_size,
     )
+    return result.params, result.to_json()
+
+
+def _calibrate_and_save(
+    config: Config, data: TrainingData, results: dict[str, StageResult], run_dir: Path, policy: str
+) -> dict[str, Any]:
+    point, validation = _operating_point(config, data, results, run_dir)
     meta = {
-        **result.params.to_json(),
+        **point.to_json(),
         "classifier_image_size": config.classifier.image_size,
         "tile_size": int(data.arrays.image_size[0]),  # what TumorPipeline.from_dir reads
         "segmenter_tile_size": int(data.arrays.image_size[0]),
@@ -212,7 +229,7 @@ def _calibrate_and_save(
         "trained_from_scratch": from_scratch(config.classifier.weights),
         "seed": config.training.seed,
         "validation": {
-            **result.to_json(),
+            **validation,
             "classifier_best_val_auc": results["classifier"].best,
             "segmenter_best": results["segmenter"].best,
             "segmenter_monitor": results["segmenter"].monitor,
@@ -226,7 +243,7 @@ def _calibrate_and_save(
     if is_chief():
         save_pair(run_dir, results["classifier"].model, results["segmenter"].model, meta)
         log.info("pair saved: %s (classifier.keras, segmenter.keras, %s)", run_dir, META_FILE)
-    return result.to_json()
+    return validation
 
 
 def _durations(results: dict[str, StageResult]) -> dict[str, float]:
@@ -280,7 +297,10 @@ def _log_summary(summary: dict[str, Any]) -> None:
         )
         lines.append(f"  {name}: {best}; {phases}")
     cal = summary["calibration"]
-    if cal:
+    if cal and cal.get("fixed"):
+        lines.append(f"  operating point fixed by calibration.fixed: threshold {cal['threshold']:.2f}, "
+                     f"min_component_px {cal['min_component_px']} (no validation patients scored)")
+    elif cal:
         lines.append(
             f"  validation ({cal['val_patients']} patients): threshold {cal['threshold']:.2f}, "
             f"min_component_px {cal['min_component_px']}, end-to-end mean per-patient Dice "

@@ -144,6 +144,8 @@ def _inputs(cfg: Config, data: TrainingData, train_pos, val_pos, stage_dir: Path
         val = make_dataset(data.arrays, val_pos, task="segment", batch_size=s.batch_size, shuffle=False,
                            augment=False, seed=t.seed, weight_map=weight_map)
         return train, val, math.ceil(len(val_pos) / s.batch_size), []
+    if len(data.val_pos) == 0:  # data.fold all: nothing validates
+        return train, None, None, []
     # every validation slice, scored like the pipeline (also for monitor val_dice with mix)
     pos = data.val_pos
     images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
@@ -159,11 +161,13 @@ def _fit(cfg: Config, data: TrainingData, train_pos, val_pos, stage_dir: Path, s
     model, loss = _compiled_model(cfg, steps, strategy)
     weight_map = getattr(loss, "weight_map", None)  # e.g. border_bce: U-Net border weights per pixel
     train, val, val_steps, extra = _inputs(cfg, data, train_pos, val_pos, stage_dir, classifier, weight_map)
+    monitor = s.monitor if len(val_pos) else None  # None: the last of `epochs` epochs is kept
     log.info("segmenter: %s on %d train / %d val slices (%s), loss %s, %d steps/epoch, selection by %s",
-             describe(s), len(train_pos), len(val_pos), s.train_on, s.loss.name, steps, s.monitor)
+             describe(s), len(train_pos), len(val_pos), s.train_on, s.loss.name, steps,
+             monitor or f"none (the last of {s.epochs} epochs)")
     result = fit_phase(
         model, stage_dir=stage_dir, name="train", label=f"{STAGE}/train", train=train, val=val,
-        epochs=s.epochs, steps_per_epoch=steps, validation_steps=val_steps, monitor=s.monitor,
+        epochs=s.epochs, steps_per_epoch=steps, validation_steps=val_steps, monitor=monitor,
         extra_callbacks=extra, training=t, budget_minutes=t.budget_minutes.segmenter,
         checkpoint_path=stage_dir / "best.keras", started_at=started,
     )
@@ -186,7 +190,7 @@ def train_segmenter(
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     train_pos, val_pos = segmenter_positions(cfg, data)
-    if len(train_pos) == 0 or len(val_pos) == 0:
+    if len(train_pos) == 0 or (len(val_pos) == 0 and len(data.val_pos) > 0):
         raise ValueError(
             f"segmenter: {len(train_pos)} training / {len(val_pos)} validation slices "
             f"with train_on={s.train_on!r}; both must be non-empty"
