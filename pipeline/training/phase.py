@@ -104,10 +104,9 @@ def fit_phase(
     The caller writes the completion marker (`write_marker`) once its own follow-up (saving
     models) is done, so a crash in between re-runs the phase instead of skipping it.
     `train`/`val` are what `model.fit` takes (a `tf.data.Dataset` or a (x, y) tuple for `train`
-    with `fit_kwargs` such as ``batch_size``). The best epoch on `monitor` (mode max) is
-    saved to `checkpoint_path` (`monitor` None, nothing validates: the last epoch); the best
-    value (including `initial_best` and the rows of a run that was interrupted) is returned
-    in the result. `extra_callbacks` run first each
+    with `fit_kwargs` such as ``batch_size``). The best epoch on `monitor` (mode max; None: the
+    last epoch) is saved to `checkpoint_path`; the best value (including `initial_best` and the
+    rows of an interrupted run) is returned in the result. `extra_callbacks` run first each
     epoch, so metrics they add to the logs (`pipeline.training.selection`) can be monitored.
     """
     stage_dir = Path(stage_dir)
@@ -115,8 +114,7 @@ def fit_phase(
     history_csv = cb.history_path(stage_dir, name)
     done_epochs = cb.restored_epoch(stage_dir, name)
     cb.trim_history(history_csv, done_epochs)  # CSV rows == epochs the backup holds
-    resumed_best = cb.best_in_history(history_csv, monitor) if done_epochs and monitor else None
-    best_so_far = _max(initial_best, resumed_best)
+    best_so_far = _max(initial_best, _best(history_csv, monitor) if done_epochs else None)
     if done_epochs:
         log.info("%s: resuming after epoch %d of %d (best %s so far %s)",
                  label, done_epochs, epochs, monitor, best_so_far)
@@ -152,7 +150,7 @@ def fit_phase(
             **kwargs,
         )
     rows = cb.read_history(history_csv)
-    best = _max(initial_best, cb.best_in_history(history_csv, monitor) if monitor else None)
+    best = _max(initial_best, _best(history_csv, monitor))
     stopped_by = _stopped_by(callbacks, budget)
     result = PhaseResult(name, len(rows), best, (time.monotonic() - started_at) / 60, stopped_by,
                          {"monitor": monitor, "planned_epochs": epochs})
@@ -169,6 +167,11 @@ def _stopped_by(callbacks: list[keras.callbacks.Callback], budget: Any) -> str:
     if early is not None and early.stopped_epoch > 0:
         return "early_stopping"
     return "epochs"
+
+
+def _best(history_csv: Path, monitor: str | None) -> float | None:
+    """Best `monitor` value in the phase's history so far (None when nothing validates)."""
+    return cb.best_in_history(history_csv, monitor) if monitor else None
 
 
 def _max(a: float | None, b: float | None) -> float | None:
