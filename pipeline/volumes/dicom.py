@@ -18,13 +18,14 @@ NIfTI.
 from __future__ import annotations
 
 import os
-import stat
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.data.readers import not_regular
 from pipeline.errors import DataError
 from pipeline.volumes.geometry import check_affine, check_slice_positions
 from pipeline.volumes.volume import MAX_SLICES, check_bytes, check_shape
@@ -42,8 +43,6 @@ __all__ = [
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _TAGS = {"uid": "0020|000e", "position": "0020|0032", "orientation": "0020|0037", "description": "0008|103e"}
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
 
 
 @dataclass(frozen=True)
@@ -69,15 +68,9 @@ class FolderScan:
 
 
 def non_regular(path: Path) -> str | None:
-    """Why `path` is not a regular file (followed through links), or None when it is one."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        return f"cannot open ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-    return f"not a regular file ({kind}); skipped"
+    """Why `path` is skipped without being opened (`pipeline.data.readers.not_regular`), or None."""
+    why = not_regular(path)
+    return None if why is None else f"{why}; skipped"
 
 
 def _looks_dicom(path: Path) -> bool:
@@ -88,6 +81,12 @@ def _looks_dicom(path: Path) -> bool:
             return fh.read(132)[128:132] == b"DICM"
     except OSError:
         return False
+
+
+def _itk_reason(exc: BaseException) -> str:
+    """The last line of an ITK error, without the object's address."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return re.sub(r"\(0x[0-9a-fA-F]+\)", "", lines[-1] if lines else str(exc)).strip()
 
 
 def _numbers(text: str) -> tuple[float, ...] | None:
@@ -135,8 +134,7 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
         try:
             header = _header(path)
         except RuntimeError as exc:
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            scan.skipped.append((path, f"unreadable DICOM file {path.name} ({lines[-1] if lines else exc})"))
+            scan.skipped.append((path, f"unreadable DICOM file {path.name} ({_itk_reason(exc)})"))
             continue
         scan.series.setdefault(header.uid, []).append(header)
     return scan
@@ -201,9 +199,8 @@ def _execute(folder: Path, files: list[Path]):
                 sitk.ReadImage(str(f), imageIO="GDCMImageIO")
             except RuntimeError:
                 bad.append(f)
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         named = f" in {', '.join(f.name for f in bad[:5])}" if bad else ""
-        raise DataError(f"unreadable or truncated DICOM pixel data{named} ({lines[-1] if lines else exc})",
+        raise DataError(f"unreadable or truncated DICOM pixel data{named} ({_itk_reason(exc)})",
                         [*bad, folder]) from exc
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
@@ -235,8 +232,15 @@ def read_series(folder: Path, uid: str | None, separator: str = "@") -> DicomSer
     check_shape((*headers[0].size[:2], len(headers)), [folder], "DICOM series")
     check_bytes((*headers[0].size[:2], len(headers)), _itemsize(headers[0]) * headers[0].components,
                 [folder], "DICOM series")
-    files = _ordered(folder, headers)
-    image = _execute(folder, files)
+    try:
+        files = _ordered(folder, headers)
+        image = _execute(folder, files)
+    except DataError as exc:
+        if not scan.skipped:
+            raise
+        left_out = "; ".join(f"{path.name}: {why}" for path, why in scan.skipped[:5])
+        raise DataError(f"{str(exc).splitlines()[0]} (left out of the folder: {left_out})",
+                        [*exc.files, *(path for path, _ in scan.skipped[:5])]) from exc
     if image.GetDimension() != 3:
         raise DataError(f"DICOM series is {image.GetDimension()}D; a study needs three spatial axes",
                         [folder])

@@ -3,8 +3,9 @@
 * `check_affine`: a voxel-to-world affine must be finite and invertible (else nibabel's
   orientation code fails with `LinAlgError: SVD did not converge` or an IndexError).
 * `obliquity_warning`: voxel axes more than `OBLIQUE_WARN_DEG` from the scanner axes are a row
-  warning with the angle: the models' slices follow the nearest voxel axis, never resampled, so
-  at 45 degrees and more the axis that is sliced is not the acquisition's.
+  warning with the angle: the models' slices follow the voxel axis nearest superior-inferior,
+  never resampled, so past 45 degrees of tilt the axis that is sliced is not the acquisition's
+  (the warning says which axis is sliced).
 * `check_slice_positions`: a DICOM series' slices must share one orientation and be evenly
   spaced along its normal (a gap, a duplicate, a slice turned round is an error naming the
   positions and files), since the volume puts slice k at k x spacing.
@@ -62,14 +63,18 @@ def obliquity_deg(affine: np.ndarray) -> float:
 
 
 def obliquity_warning(affine: np.ndarray, slice_axis: int) -> str | None:
-    """A row warning for an oblique acquisition (above `OBLIQUE_WARN_DEG`), else None."""
+    """A row warning for an oblique acquisition (above `OBLIQUE_WARN_DEG`), else None: the angle,
+    the voxel axis the models slice along and how far it is from superior-inferior."""
     angle = obliquity_deg(affine)
     if angle <= OBLIQUE_WARN_DEG:
         return None
-    note = " (45 degrees or more: the axis sliced may not be the acquisition's)" if angle >= 45 - 1e-6 else ""
+    column = np.asarray(affine, np.float64)[:3, slice_axis]
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(column[2]) / np.linalg.norm(column)))))
+    stored = "" if slice_axis == 2 else " (the file stacks its slices along axis 2)"
     return (
         f"oblique acquisition: voxel axes up to {angle:.1f} degrees from the scanner axes; the models "
-        f"see slices along voxel axis {slice_axis}, the nearest to superior-inferior, not resampled{note}"
+        f"see slices along voxel axis {slice_axis}{stored}, {tilt:.1f} degrees from superior-inferior, "
+        "not resampled"
     )
 
 
@@ -118,10 +123,10 @@ def check_slice_positions(
                         [named[i], named[i + 1]])
     uneven = np.flatnonzero(np.abs(steps - step) > SLICE_STEP_TOLERANCE * step)
     if uneven.size:
-        pairs = "; ".join(f"{along[i]:.6g} -> {along[i + 1]:.6g} ({_names([named[i], named[i + 1]])})"
+        pairs = "; ".join(f"{along[i]:.6g} -> {along[i + 1]:.6g} mm ({_names([named[i], named[i + 1]])})"
                           for i in uneven[:5])
         raise DataError(
-            f"{what}: slice positions are not evenly spaced (steps of {step:.6g} mm, but {pairs} mm "
+            f"{what}: slice positions are not evenly spaced (steps of {step:.6g} mm, but {pairs} "
             f"along the normal; positions {_mm(along)}): missing or misplaced slices",
             [f for i in uneven[:5] for f in (named[i], named[i + 1])],
         )

@@ -148,6 +148,8 @@ def intensity_scale(
         return IntensityScale(0.0, 1.0, 0.0, 1.0)
     if channel.ndim != 3:
         raise ValueError(f"a channel volume is (X, Y, Z), got {channel.shape}")
+    if not (np.issubdtype(channel.dtype, np.integer) or np.issubdtype(channel.dtype, np.floating)):
+        raise DataError(f"{what} has voxels of type {channel.dtype}; expected real intensities", files)
     lows, highs, mins, maxs = _slice_ranges(channel)
     raw_low, raw_high = float(mins.min()), float(maxs.max())
     fences = _fences(lows, highs)

@@ -47,10 +47,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.data.readers import is_mask_file, read_array, reader_for, slice_name
+from pipeline.data.readers import is_mask_file, not_regular, read_array, reader_for, slice_name
 from pipeline.errors import DataError
 from pipeline.preprocessing import CHANNELS
-from pipeline.volumes.dicom import non_regular as _non_regular
 from pipeline.volumes.dicom import read_series, scan_folder, several_series_error
 from pipeline.volumes.geometry import check_affine
 from pipeline.volumes.intensity import intensity_scale, to_uint8
@@ -203,9 +202,9 @@ def other_studies(folder: str | os.PathLike) -> list[Path]:
 def _load_nifti(path: Path):
     import nibabel as nib
 
-    why = _non_regular(path)
-    if why is not None:
-        raise DataError(f"cannot read NIfTI: {why.removesuffix('; skipped')}", [path])
+    why = not_regular(path)
+    if why is not None:  # /dev/zero or a FIFO: nibabel would call it an empty file, or block
+        raise DataError(f"cannot read NIfTI: {why}", [path])
     try:
         return nib.load(str(path))
     except FileNotFoundError as exc:
