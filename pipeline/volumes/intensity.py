@@ -37,7 +37,7 @@ __all__ = ["FENCE", "PERCENTILES", "IntensityScale", "intensity_scale", "to_uint
 
 PERCENTILES = (0.5, 99.5)  # a slice's typical range: robust to a few hundred odd voxels
 FENCE = 3.0  # typical ranges beyond the typical range: far above any tissue of an MRI study
-_SAMPLE = 1 << 16  # voxels per slice looked at for its percentiles (a strided sample)
+_SAMPLE = 1 << 14  # voxels per slice looked at for its percentiles (a strided sample)
 
 
 @dataclass(frozen=True)
