@@ -201,10 +201,12 @@ def test_dicom_series_are_sorted_by_geometry_and_get_the_affine_itk_writes_to_ni
     study = write_dicom_study(tmp_path / "case1", data)
     assert isinstance(volume_reader_for(study), ChannelFolderReader)
     volume = read_volume(study)
-    assert volume.shape == (32, 32, 5) and volume.data.dtype == np.int16 and volume.study_id == "case1"
-    # voxel (i, j, k) = (column, row, slice): the model-orientation data transposed
+    assert volume.shape == (32, 32, 5) and volume.data.dtype == np.uint8 and volume.study_id == "case1"
+    # voxel (i, j, k) = (column, row, slice): the model-orientation data transposed, as stored...
     expected = data[..., 1].transpose(1, 0, 2).astype(np.int16) * 7 + 13
-    np.testing.assert_array_equal(volume.data[..., 1], expected)
+    np.testing.assert_array_equal(read_channel(study / "flair")[0], expected)
+    # ...and in the study converted to the models' 8 bits as it was read
+    np.testing.assert_array_equal(volume.data[..., 1], np.rint(to_8bit(expected)))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(study / "flair")))
     sitk.WriteImage(reader.Execute(), str(tmp_path / "itk.nii.gz"))

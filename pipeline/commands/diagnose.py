@@ -183,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {st['study_id']}: tumour {st['tumour_voxels']} voxels {size}, "
                       f"slices {st['slice_range']}, mask {result.out / st['mask_nifti']}")
     print(f"report: {result.out / 'report.csv'}; review page: {(result.out / 'index.html').as_uri()}")
+    for st in result.studies:
+        if st.get("warning"):
+            print(f"warning: {st['source']}: {st['warning']}", file=sys.stderr)
     for row in result.rows:
         if row["error"]:
             print(f"failed: {row['path']}: {row['error']}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -41,6 +42,7 @@ __all__ = [
     "TiffReader",
     "image_suffixes",
     "is_mask_file",
+    "not_regular",
     "patient_id",
     "patient_id_from_name",
     "read_array",
@@ -217,6 +219,23 @@ def reader_for(path: str | os.PathLike) -> SliceReader:
     )
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a file (links followed): "not a regular file (a FIFO)",
+    "cannot open (...)"; None for a regular file. Never opens it (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot open ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind})"
+
+
 def read_array(path: str | os.PathLike) -> np.ndarray:
     """Read the pixels of one image file with its registered reader -> array as stored.
 
@@ -228,8 +247,9 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
         size = path.stat().st_size
     except OSError as exc:
         raise DataError(f"cannot open image ({exc.strerror or exc})", [path]) from exc
-    if not path.is_file():
-        raise DataError("not a regular file", [path])
+    why = not_regular(path)
+    if why is not None:  # /dev/zero has size 0 but is no empty file
+        raise DataError(why, [path])
     if size == 0:
         raise DataError("empty file (zero bytes)", [path])
     array = reader_for(path).read(path)

@@ -177,7 +177,7 @@ def expand_inputs(
         if path.is_dir():
             for candidate in _walk(path):
                 add(candidate, explicit=False)
-        elif path.is_file():
+        elif path.is_file() or path.exists():  # a FIFO or /dev/zero named explicitly: its error row
             add(path, explicit=True)
         elif _GLOB_CHARS.search(str(item)):
             matches = sorted(glob.glob(os.path.expanduser(str(item)), recursive=True))

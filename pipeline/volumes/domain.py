@@ -13,20 +13,22 @@ Three steps, each undone exactly for the masks (`ModelGrid.mask_to_input`):
    resized) and zero-padded, centred, to `MODEL_SIZE` x `MODEL_SIZE`: the dataset's slices are
    256x256 with a zero background. A slice already 256x256 with square pixels is not touched.
    Masks go back by cutting the padding and nearest-neighbour resizing (`INTER_NEAREST_EXACT`).
-3. **Intensity** (`to_8bit`), per volume and per channel, the rule documented with its
-   measurements in `data/README.md`: a uint8 channel is used as stored (the models' own range,
-   so a Kaggle study stacked into a uint8 NIfTI gives exactly its slices); any other dtype is
-   mapped linearly from its own minimum..maximum over the whole channel volume to 0..255, which
-   is what the dataset's 8-bit volumes show (minimum 0, maximum reached by a single voxel).
+3. **Intensity** (`pipeline.volumes.intensity`), per volume and per channel: a uint8 channel is
+   used as stored (the models' own range, so a Kaggle study stacked into a uint8 NIfTI gives
+   exactly its slices); any other dtype is mapped linearly from its minimum..maximum to 0..255,
+   outliers far beyond the channel's typical range left out (clipped, with a warning), which is
+   what the dataset's 8-bit volumes show (minimum 0, maximum reached by a single voxel). The
+   readers do it channel by channel as they read; `model_volume` does it for any other Volume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pipeline.volumes.volume import Volume
+from pipeline.volumes.intensity import intensity_scale, to_uint8
+from pipeline.volumes.volume import CHANNELS, Volume
 
 __all__ = [
     "MODEL_AXCODES",
@@ -35,6 +37,7 @@ __all__ = [
     "apply_range",
     "intensity_range",
     "model_grid",
+    "model_volume",
     "to_8bit",
     "to_model_slices",
 ]
@@ -45,34 +48,41 @@ MODEL_SIZE = 256
 
 def intensity_range(channel: np.ndarray) -> tuple[float, float] | None:
     """The linear map of `to_8bit` for one channel volume: None for uint8 (as stored), else
-    (low, high) mapped to 0..255 (bool: (0, 1); the channel's own minimum and maximum otherwise)."""
-    channel = np.asarray(channel)
-    if channel.dtype == np.uint8:
-        return None
-    if channel.dtype == bool:
-        return 0.0, 1.0
-    return float(channel.min()), float(channel.max())
+    (low, high) mapped to 0..255 (`intensity.intensity_scale`: outliers left out)."""
+    scale = intensity_scale(channel)
+    return None if scale.low is None else (scale.low, scale.high)
 
 
 def apply_range(values: np.ndarray, bounds: tuple[float, float] | None) -> np.ndarray:
     """`values` (any part of a channel) -> float32 0..255 with the channel's `intensity_range`."""
-    if bounds is None:
-        return np.asarray(values, np.float32)
-    low, high = bounds
-    if not high > low:
-        return np.zeros(np.shape(values), np.float32)
-    out = np.asarray(values, np.float32) - np.float32(low)
-    out *= np.float32(255.0 / (high - low))
-    return out
+    from pipeline.volumes.intensity import IntensityScale
+
+    return IntensityScale(*(bounds or (None, None))).apply(values)
 
 
 def to_8bit(channel: np.ndarray) -> np.ndarray:
-    """One channel volume -> float32 in 0..255 (module docstring, step 3).
+    """One channel volume -> float32 in 0..255, unrounded (module docstring, step 3).
 
-    uint8: unchanged. bool: 0/255. Any other dtype: (x - min) / (max - min) * 255 over the whole
-    channel; a constant channel becomes 0.
+    uint8: unchanged. bool: 0/255. Any other dtype: (x - low) / (high - low) * 255 with the
+    channel's robust `intensity_range`, clipped to 0..255; a constant channel becomes 0.
     """
     return apply_range(channel, intensity_range(channel))
+
+
+def model_volume(volume: Volume) -> Volume:
+    """`volume` with uint8 data in the models' range (itself when it is uint8 already), channel by
+    channel; outliers left out of a channel's scale are added to its `notes`."""
+    if volume.data.dtype == np.uint8:
+        return volume
+    data = np.empty(volume.data.shape, np.uint8)
+    notes = list(volume.notes)
+    for c, name in enumerate(CHANNELS):
+        channel = volume.data[..., c]
+        scale = intensity_scale(channel, volume.files[:1], name)
+        to_uint8(channel, scale, data[..., c])
+        warning = scale.warning(name)
+        notes += [warning] if warning else []
+    return replace(volume, data=data, notes=tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -193,18 +203,15 @@ def model_grid(volume: Volume, size: int = MODEL_SIZE) -> ModelGrid:
 def to_model_slices(volume: Volume, grid: ModelGrid | None = None) -> tuple[list[np.ndarray], ModelGrid]:
     """`volume` -> (model slices uint8 (size, size, 3) inferior to superior, its ModelGrid).
 
-    Intensity per channel over the whole volume (`to_8bit`: the range is taken from the whole
-    channel, then applied slice by slice, so no float copy of the volume is made), then
-    reorientation, then each slice scaled and padded; values clipped to 0..255 and rounded.
+    Intensity per channel over the whole volume (`model_volume`, a no-op for what the readers
+    return), then reorientation, then each slice scaled and padded; values clipped to 0..255 and
+    rounded.
     """
+    volume = model_volume(volume)
     grid = grid or model_grid(volume)
-    n_channels = volume.data.shape[-1]
-    bounds = [intensity_range(volume.data[..., c]) for c in range(n_channels)]
     oriented = grid.orient(volume.data)  # flips and transposes: a view, not a copy
     slices = []
     for k in range(grid.n_slices):
-        raw = oriented[:, :, k, :]
-        image = np.stack([apply_range(raw[..., c], bounds[c]) for c in range(n_channels)], axis=-1)
-        image = grid.to_slice(image)
+        image = grid.to_slice(oriented[:, :, k, :].astype(np.float32))
         slices.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
     return slices, grid

@@ -21,15 +21,18 @@ returns a `Volume` (`read(path)`); `volume_reader_for(path)` asks them in regist
 NIfTI files, channel folders, DICOM folders, also found inside folders given) and the rest,
 which keeps today's slice route (Kaggle folders, TIFF/PNG/JPEG files).
 
-One channel (`read_channel`) is a 3D NIfTI file or a DICOM series folder; a folder holding several
-series takes the series as `FOLDER@<SeriesInstanceUID>` (`SERIES_SEPARATOR`).
+One channel (`read_channel`, as stored) is a 3D NIfTI file or a DICOM series folder
+(`pipeline.volumes.dicom`); a folder holding several series takes the series as
+`FOLDER@<SeriesInstanceUID>` (`SERIES_SEPARATOR`). Studies are read channel by channel and each
+channel is converted to the models' 8 bits as soon as it is read (`read_channel_8bit`,
+`pipeline.volumes.intensity`), so at most one channel is held in its stored dtype; the
+header-declared size of a channel is checked first (`check_shape`, `check_bytes`), and its affine
+(`geometry.check_affine`).
 
-DICOM series are read with SimpleITK (`ImageSeriesReader`; GDCM sorts the files by their
-position along the slice normal and finds every series in a folder). Its LPS geometry becomes a
-RAS affine: voxel (i, j, k) is ITK's index (column, row, slice in geometric order), and
-`affine = diag(-1, -1, 1, 1) @ [direction * spacing | origin]`, the affine ITK itself writes to
-NIfTI; every voxel's world position equals dcm2niix's (which may store the rows flipped, with
-its affine flipped to match).
+Every input gets a row: a folder with channel files and other studies (two 4D NIfTIs next to
+`extra_flair.nii.gz`) is searched, not read as one study, so each study and each channel file
+without partners is its own row; entries of a DICOM folder that are not regular files or not
+readable are skipped each with its own error row (`Volume.skipped`).
 """
 
 from __future__ import annotations
@@ -38,17 +41,22 @@ import glob
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.data.readers import is_mask_file, read_array, reader_for, slice_name
+from pipeline.data.readers import is_mask_file, not_regular, read_array, reader_for, slice_name
 from pipeline.errors import DataError
 from pipeline.preprocessing import CHANNELS
+from pipeline.volumes.dicom import read_series, scan_folder, several_series_error
+from pipeline.volumes.geometry import check_affine
+from pipeline.volumes.intensity import intensity_scale, to_uint8
 from pipeline.volumes.volume import (
     MAX_SLICES,
     Volume,
+    check_bytes,
     check_finite,
     check_shape,
     from_channels,
@@ -65,13 +73,16 @@ __all__ = [
     "KaggleFolderReader",
     "NiftiReader",
     "VolumeReader",
+    "Channel8",
     "channel_entries",
     "dicom_series",
     "find_studies",
     "is_dicom_folder",
     "is_nifti",
     "is_study",
+    "other_studies",
     "read_channel",
+    "read_channel_8bit",
     "read_trio",
     "read_volume",
     "register_volume_reader",
@@ -88,7 +99,6 @@ CHANNEL_ALIASES: dict[str, tuple[str, ...]] = {
     "post-contrast": ("post", "t1ce", "t1c", "t1gd"),
 }
 _DICOM_PROBE = 8  # files looked at to decide whether a folder holds DICOM
-RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -170,12 +180,31 @@ def channel_entries(folder: str | os.PathLike) -> dict[str, list[Path]]:
     return found
 
 
+def other_studies(folder: str | os.PathLike) -> list[Path]:
+    """What in `folder` is a study but not a channel entry: NIfTI files not named after a channel
+    (any kind of file: a bad one gets its error row) and study folders."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or _channel_of(entry.name) is not None:
+            continue
+        if (is_nifti(entry) and not entry.is_dir()) or (entry.is_dir() and is_study(entry)):
+            found.append(entry)
+    return found
+
+
 # --------------------------------------------------------------------------- one channel
 
 
 def _load_nifti(path: Path):
     import nibabel as nib
 
+    why = not_regular(path)
+    if why is not None:  # /dev/zero or a FIFO: nibabel would call it an empty file, or block
+        raise DataError(f"cannot read NIfTI: {why}", [path])
     try:
         return nib.load(str(path))
     except FileNotFoundError as exc:
@@ -184,95 +213,34 @@ def _load_nifti(path: Path):
         raise DataError(f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})", [path]) from exc
 
 
-def _nifti_array(image, path: Path) -> np.ndarray:
+def _nifti_array(image, path: Path, index: tuple = ()) -> np.ndarray:
+    """The voxels of `image[index]` (all of them by default) as stored, read from the file."""
     try:
-        # dataobj keeps the stored dtype when the header has no scaling (uint8 stays uint8)
-        return np.asanyarray(image.dataobj)
+        # dataobj keeps the stored dtype when the header has no scaling (uint8 stays uint8), and
+        # reads only the bytes of `index` (one channel), not the whole file
+        return np.asanyarray(image.dataobj[index] if index else image.dataobj)
     except Exception as exc:
         raise DataError(f"unreadable or truncated NIfTI data ({type(exc).__name__}: {exc})", [path]) from exc
 
 
+def _nifti_itemsize(image) -> int:
+    """Bytes a voxel takes once read: the stored dtype's, or float64's when the header scales it."""
+    slope, inter = getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)
+    scaled = not (slope in (1.0, None) or np.isnan(slope)) or not (inter in (0.0, None) or np.isnan(inter))
+    return max(image.get_data_dtype().itemsize, 8 if scaled else 0)
+
+
+def _nifti_geometry(image, path: Path, what: str) -> np.ndarray:
+    """The NIfTI's affine, checked finite and invertible, and its shape checked against the caps."""
+    affine = check_affine(image.affine, [path], f"{what} NIfTI")
+    check_shape(image.shape[:3], [path], f"{what} NIfTI", slice_axis_of(affine, [path]))
+    check_bytes(image.shape[:3], _nifti_itemsize(image), [path], f"{what} NIfTI")
+    return affine
+
+
 def dicom_series(folder: str | os.PathLike) -> list[str]:
-    """The SeriesInstanceUIDs of the DICOM series in `folder` (GDCM), in GDCM's order."""
-    import SimpleITK as sitk
-
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-def _series_description(files: list[str]) -> str:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    try:
-        reader.ReadImageInformation()
-        return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
-    except RuntimeError:
-        return ""
-
-
-def _several_series_error(folder: Path, ids: list[str]) -> DataError:
-    import SimpleITK as sitk
-
-    listed = []
-    for uid in ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        description = _series_description(list(files)) if files else ""
-        listed.append(f"{uid} ({len(files)} files{', ' + repr(description) if description else ''})")
-    return DataError(
-        f"{len(ids)} DICOM series in one folder: {'; '.join(listed)}. Pick one per channel with "
-        f"--pre/--flair/--post FOLDER{SERIES_SEPARATOR}<SeriesInstanceUID>, or give each series "
-        "its own folder",
-        [folder],
-    )
-
-
-def _read_dicom_series(folder: Path, uid: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """One DICOM series -> (array (i, j, k) = (column, row, slice), RAS affine)."""
-    import SimpleITK as sitk
-
-    if not folder.is_dir():
-        raise DataError("not a folder of DICOM files", [folder])
-    ids = dicom_series(folder)
-    if not ids:
-        raise DataError("no DICOM series found in the folder", [folder])
-    if uid is None:
-        if len(ids) > 1:
-            raise _several_series_error(folder, ids)
-        uid = ids[0]
-    elif uid not in ids:
-        raise DataError(
-            f"no DICOM series {uid} in the folder (it holds {len(ids)}: {', '.join(ids)})", [folder]
-        )
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-    if len(files) > MAX_SLICES:
-        raise DataError(f"DICOM series too large ({len(files)} files; at most {MAX_SLICES} slices)", [folder])
-    info = sitk.ImageFileReader()
-    info.SetFileName(files[0])
-    try:
-        info.ReadImageInformation()
-    except RuntimeError as exc:
-        raise DataError(f"unreadable DICOM file ({str(exc).strip().splitlines()[-1]})", [files[0]]) from exc
-    check_shape((*info.GetSize()[:2], len(files)), [folder], "DICOM series")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        raise DataError(f"unreadable DICOM series ({lines[-1] if lines else exc})", [folder]) from exc
-    if image.GetDimension() != 3:
-        raise DataError(
-            f"DICOM series is {image.GetDimension()}D; a study needs three spatial axes", [folder]
-        )
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError("DICOM series has colour (several components per voxel)", [folder])
-    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))  # (z,y,x) -> (i,j,k)
-    direction = np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), np.float64)[None, :]
-    lps[:3, 3] = image.GetOrigin()
-    return array, RAS_FROM_LPS @ lps
+    """The SeriesInstanceUIDs of the DICOM series in `folder`, in file-name order of their first file."""
+    return list(scan_folder(folder).series)
 
 
 def _split_series(source: str | os.PathLike) -> tuple[Path, str | None]:
@@ -285,13 +253,22 @@ def _split_series(source: str | os.PathLike) -> tuple[Path, str | None]:
     return Path(folder).expanduser(), uid.strip() or None
 
 
-def read_channel(source: str | os.PathLike, what: str = "channel") -> tuple[np.ndarray, np.ndarray, Path]:
-    """One channel: a 3D NIfTI file or a DICOM series folder (`FOLDER@UID` picks a series).
+@dataclass
+class RawChannel:
+    """One channel as read: `array` (X, Y, Z) in its stored dtype, its RAS `affine`, its `path`;
+    for DICOM the file of each stored slice and the folder's entries skipped (`dicom.scan_folder`)."""
 
-    Returns (array (X, Y, Z), RAS affine, path). DataError naming the path otherwise.
-    """
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    slice_files: list[Path] | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    keep: Any = field(repr=False, default=None)  # what `array` is a view into
+
+
+def _read_raw_channel(source: str | os.PathLike, what: str) -> RawChannel:
     path, uid = _split_series(source)
-    if path.is_file() and is_nifti(path):
+    if is_nifti(path) and not path.is_dir() and (path.exists() or path.is_symlink()):
         image = _load_nifti(path)
         shape = tuple(image.shape)
         while len(shape) > 3 and shape[-1] == 1:
@@ -300,19 +277,62 @@ def read_channel(source: str | os.PathLike, what: str = "channel") -> tuple[np.n
             raise DataError(
                 f"{what} NIfTI has {len(shape)} axes {tuple(image.shape)}; one channel is 3D", [path]
             )
-        check_shape(shape, [path], f"{what} NIfTI", slice_axis_of(image.affine))
-        array = _nifti_array(image, path).reshape(shape)
-        affine = np.asarray(image.affine, np.float64)
+        affine = _nifti_geometry(image, path, what)
+        channel = RawChannel(_nifti_array(image, path).reshape(shape), affine, path)
     elif path.is_dir():
-        array, affine = _read_dicom_series(path, uid)
+        series = read_series(path, uid, SERIES_SEPARATOR)
+        channel = RawChannel(series.array, series.affine, path, series.files, series.skipped, series.image)
     elif not path.exists():
         raise DataError(f"{what} not found (no such file or folder)", [path])
     else:
         raise DataError(
             f"unknown {what} format: expected a .nii/.nii.gz file or a folder of DICOM files", [path]
         )
-    check_finite(array, [path], what)
-    return array, affine, path
+    check_finite(channel.array, [path], what)
+    return channel
+
+
+def read_channel(source: str | os.PathLike, what: str = "channel") -> tuple[np.ndarray, np.ndarray, Path]:
+    """One channel as stored: a 3D NIfTI file or a DICOM series folder (`FOLDER@UID` picks a series).
+
+    Returns (array (X, Y, Z) in its stored dtype, RAS affine, path). DataError naming the path otherwise.
+    """
+    channel = _read_raw_channel(source, what)
+    return np.array(channel.array), channel.affine, channel.path
+
+
+@dataclass
+class Channel8:
+    """One channel in the models' 8 bits (`intensity`): uint8 (X, Y, Z), affine, path, what the rows say."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def to_8bit_channel(raw: np.ndarray, files: Sequence[Path], what: str,
+                    slice_files: Sequence[Path] | None = None, out: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, list[str]]:
+    """A raw channel (X, Y, Z) -> (uint8 in the models' range, row warnings), by `intensity`."""
+    scale = intensity_scale(raw, files, what, slice_files)
+    warning = scale.warning(what)
+    return to_uint8(raw, scale, out), [warning] if warning else []
+
+
+def read_channel_8bit(source: str | os.PathLike, what: str = "channel") -> Channel8:
+    """One channel read (`read_channel`) and converted to uint8 at once, so that only one channel
+    is ever held in its stored dtype."""
+    raw = _read_raw_channel(source, what)
+    array, notes = to_8bit_channel(raw.array, [raw.path], what, raw.slice_files)
+    return Channel8(array, raw.affine, raw.path, notes, raw.skipped)
+
+
+def _from_8bit_channels(channels: dict[str, Channel8], study_id: str, format: str) -> Volume:
+    volume = from_channels({n: (c.array, c.affine, c.path) for n, c in channels.items()}, study_id, format)
+    return replace(volume, notes=tuple(n for c in channels.values() for n in c.notes),
+                   skipped=tuple(s for c in channels.values() for s in c.skipped))
 
 
 def read_trio(
@@ -321,7 +341,7 @@ def read_trio(
     post: str | os.PathLike | None,
     study_id: str | None = None,
 ) -> Volume:
-    """The three channels from three sources (each `read_channel`), checked to be co-registered."""
+    """The three channels from three sources (each `read_channel_8bit`), checked to be co-registered."""
     sources = dict(zip(CHANNELS, (pre, flair, post), strict=True))
     given = {name: src for name, src in sources.items() if src is not None}
     missing = [name for name in CHANNELS if name not in given]
@@ -330,9 +350,9 @@ def read_trio(
             f"missing channel {', '.join(missing)}: a study needs {', '.join(CHANNELS)}",
             [str(s) for s in given.values()],
         )
-    channels = {name: read_channel(src, name) for name, src in given.items()}
+    channels = {name: read_channel_8bit(src, name) for name, src in given.items()}
     name = study_id or study_name(_split_series(sources["FLAIR"])[0])
-    return from_channels(channels, name, "trio")
+    return _from_8bit_channels(channels, name, "trio")
 
 
 # --------------------------------------------------------------------------- the registry
@@ -363,17 +383,19 @@ class NiftiReader(VolumeReader):
     def takes(self, path: Path) -> bool:
         return is_nifti(path) and not path.is_dir()
 
-    def read(self, path: Path) -> Volume:
-        image = _load_nifti(path)
+    @staticmethod
+    def _check_layout(image, path: Path) -> tuple[int, ...]:
         shape = tuple(image.shape)
         if len(shape) == 5 and shape[3] == 1:  # NIfTI vector layout (X, Y, Z, 1, C)
             shape = (*shape[:3], shape[4])
         if len(shape) < 3:
             raise DataError(f"NIfTI is 2D (shape {shape}); a study needs three spatial axes", [path])
-        check_shape(shape[:3], [path], "NIfTI", slice_axis_of(image.affine))
+        _nifti_geometry(image, path, "")
         if len(shape) == 3:
+            channel = _channel_of(path.name)
+            alone = f"a {channel} channel file without its partners" if channel else "one channel"
             raise DataError(
-                f"NIfTI is 3D (shape {shape}), one channel; a study needs {', '.join(CHANNELS)}: "
+                f"NIfTI is 3D (shape {shape}), {alone}; a study needs {', '.join(CHANNELS)}: "
                 "give a 4D NIfTI (X, Y, Z, 3), a folder of pre/flair/post files, or --pre/--flair/--post",
                 [path],
             )
@@ -383,21 +405,43 @@ class NiftiReader(VolumeReader):
                 f"{', '.join(CHANNELS)}",
                 [path],
             )
-        data = _nifti_array(image, path).reshape(shape)
-        check_finite(data, [path], "NIfTI")
+        return shape
+
+    def read(self, path: Path) -> Volume:
+        image = _load_nifti(path)
+        shape = self._check_layout(image, path)
+        vector = len(image.shape) == 5
+        data = np.empty(shape, np.uint8)
+        notes: list[str] = []
+        for c, name in enumerate(CHANNELS):  # one channel at a time in its stored dtype
+            raw = _nifti_array(image, path, (slice(None),) * 3 + ((0, c) if vector else (c,)))
+            check_finite(raw, [path], "NIfTI")
+            notes += to_8bit_channel(raw, [path], name, out=data[..., c])[1]
+            del raw
         return Volume(
-            data=data, affine=image.affine, study_id=study_name(path), files=(path,), format=self.name
+            data=data, affine=image.affine, study_id=study_name(path), files=(path,), format=self.name,
+            notes=tuple(notes),
         )
 
 
 class ChannelFolderReader(VolumeReader):
-    """A folder of channel-named NIfTI files or DICOM series folders (module docstring)."""
+    """A folder of channel-named NIfTI files or DICOM series folders (module docstring).
+
+    It takes a folder whose channel entries are complete (each of `CHANNELS`), or that holds
+    nothing else a study could be read from; a folder with some channel files and other studies
+    is searched instead (`find_studies`: each study and each channel file on its own row).
+    """
 
     name = "channel folder"
     description = "a folder of NIfTI files or DICOM folders named ..._pre, ..._flair, ..._post"
 
     def takes(self, path: Path) -> bool:
-        return path.is_dir() and bool(channel_entries(path))
+        if not path.is_dir():
+            return False
+        entries = channel_entries(path)
+        if not entries:
+            return False
+        return set(entries) == set(CHANNELS) or not other_studies(path)
 
     def read(self, path: Path) -> Volume:
         entries = channel_entries(path)
@@ -412,12 +456,9 @@ class ChannelFolderReader(VolumeReader):
                 f"(found {', '.join(p.name for found in entries.values() for p in found)})",
                 [path],
             )
-        channels = {name: read_channel(entries[name][0], name) for name in CHANNELS}
-        volume = from_channels(channels, study_name(path), self.name)
-        return Volume(
-            data=volume.data, affine=volume.affine, study_id=volume.study_id, files=(path, *volume.files),
-            format=self.name,
-        )
+        channels = {name: read_channel_8bit(entries[name][0], name) for name in CHANNELS}
+        volume = _from_8bit_channels(channels, study_name(path), self.name)
+        return replace(volume, files=(path, *volume.files))
 
 
 class DicomFolderReader(VolumeReader):
@@ -430,11 +471,11 @@ class DicomFolderReader(VolumeReader):
         return is_dicom_folder(path)
 
     def read(self, path: Path) -> Volume:
-        ids = dicom_series(path)
-        if not ids:
+        scan = scan_folder(path)
+        if not scan.series:
             raise DataError("no readable DICOM series in the folder", [path])
-        if len(ids) > 1:
-            raise _several_series_error(path, ids)
+        if len(scan.series) > 1:
+            raise several_series_error(path, scan, SERIES_SEPARATOR)
         raise DataError(
             "one DICOM series is one channel; a study needs pre-contrast, FLAIR and post-contrast: "
             "give the three series with --pre/--flair/--post, or as subfolders pre/, flair/, post/ "
@@ -557,6 +598,14 @@ def find_studies(
         resolved = safe_resolve(path)
         return not any(resolved == e or resolved.is_relative_to(e) for e in excluded)
 
+    def add(study: Path) -> None:
+        """Record a study; a study folder's other studies too (`other_studies`: nothing is dropped)."""
+        found.setdefault(safe_resolve(study), study.absolute())
+        if study.is_dir():
+            for other in other_studies(study):
+                if outside(other) and safe_resolve(other) not in found:
+                    add(other)
+
     def search(folder: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames.sort()
@@ -566,21 +615,21 @@ def find_studies(
                 if name.startswith(".") or not outside(sub):
                     continue
                 if is_study(sub):
-                    found.setdefault(safe_resolve(sub), sub.absolute())
+                    add(sub)
                 else:
                     keep.append(name)
             dirnames[:] = keep
             for name in sorted(filenames):
                 candidate = Path(dirpath) / name
                 if not name.startswith(".") and is_nifti(name) and outside(candidate):
-                    found.setdefault(safe_resolve(candidate), candidate.absolute())
+                    add(candidate)
 
     def visit(path: Path) -> bool:
         """Record `path` (or what is under it) -> True when `path` itself is a study."""
         if not outside(path):
             return False
-        if (path.is_file() and is_nifti(path)) or (path.is_dir() and is_study(path)):
-            found.setdefault(safe_resolve(path), path.absolute())
+        if (is_nifti(path) and not path.is_dir()) or (path.is_dir() and is_study(path)):
+            add(path)
             return True
         if path.is_dir():
             search(path)

@@ -12,6 +12,14 @@ A `Volume` holds what the models need and what a viewer needs to put a mask back
 * `spacing`: millimetres per voxel along each axis (the affine's column lengths).
 * `nominal_geometry`: True when the input carried no geometry (Kaggle TIFF slices): the affine is
   a 1 mm stand-in in the models' orientation, and no volume in millilitres is reported.
+* `notes`: what the reader noticed and the rows should say (outliers left out of the intensity
+  scale); `warnings` adds what the geometry says (an oblique acquisition).
+* `skipped`: files of the study's folders that were left out, each with why (a FIFO named
+  `.dcm`, an unreadable file): each becomes its own error row.
+
+Readers convert each channel to the models' 8 bits as soon as it is read
+(`pipeline.volumes.intensity`), so `data` is uint8 from every built-in reader and a study never
+holds more than one channel in its stored dtype (`MAX_CHANNEL_BYTES`).
 
 Every reader checks the same limits here (`check_shape`, `check_finite`, `from_channels`), so a
 bad study is a `DataError` naming its files whatever its format.
@@ -28,14 +36,17 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.preprocessing import CHANNELS
+from pipeline.volumes.geometry import check_affine, obliquity_warning
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
     "CHANNELS",
+    "MAX_CHANNEL_BYTES",
     "MAX_IN_PLANE",
     "MAX_SLICES",
     "MAX_VOXELS",
     "Volume",
+    "check_bytes",
     "check_finite",
     "check_shape",
     "from_channels",
@@ -45,6 +56,10 @@ __all__ = [
 MAX_SLICES = 1024  # more slices along one axis is not one MRI study
 MAX_IN_PLANE = 2048  # an in-plane side above this is not an MRI slice
 MAX_VOXELS = 512 * 512 * 512  # per channel: ~0.5 GB as float32, x3 channels, before any work
+# The decompressed size of one channel as read (stored dtype, or float64 when the file scales it):
+# 512^3 float64. A study's peak is about one channel at this size plus the three channels in
+# uint8 (3 x 128 MiB at 512^3) and its model slices (256 x 256 x 3 bytes each).
+MAX_CHANNEL_BYTES = 1 << 30
 AFFINE_TOLERANCE_MM = 1e-3  # channels whose voxel-to-world maps differ more are not co-registered
 
 
@@ -58,6 +73,8 @@ class Volume:
     files: tuple[Path, ...] = ()
     format: str = ""
     nominal_geometry: bool = False
+    notes: tuple[str, ...] = ()
+    skipped: tuple[tuple[Path, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4 or self.data.shape[-1] != len(CHANNELS):
@@ -65,7 +82,13 @@ class Volume:
         affine = np.asarray(self.affine, np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"Volume affine must be 4x4, got {affine.shape}")
-        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "affine", check_affine(affine, self.files[:1], self.format or "volume"))
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The reader's `notes`, then an obliquity warning (`geometry.obliquity_warning`)."""
+        oblique = None if self.nominal_geometry else obliquity_warning(self.affine, self.slice_axis)
+        return (*self.notes, *([oblique] if oblique else []))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -93,10 +116,12 @@ class Volume:
         return self.files[0] if self.files else None
 
 
-def slice_axis_of(affine: np.ndarray) -> int:
-    """The voxel axis of `affine` nearest the world's superior-inferior axis."""
+def slice_axis_of(affine: np.ndarray, files: Sequence[str | os.PathLike] = ()) -> int:
+    """The voxel axis of `affine` nearest the world's superior-inferior axis (DataError naming
+    `files` for an affine that is not finite and invertible)."""
     import nibabel as nib
 
+    affine = check_affine(affine, files)
     ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
     return int(np.flatnonzero(ornt[:, 0] == 2)[0])
 
@@ -122,6 +147,20 @@ def check_shape(
     voxels = int(np.prod(spatial, dtype=np.int64))
     if voxels > MAX_VOXELS:
         raise DataError(f"{what} too large ({voxels:,} voxels per channel; at most {MAX_VOXELS:,})", files)
+
+
+def check_bytes(
+    shape: Sequence[int], itemsize: int, files: Sequence[str | os.PathLike], what: str = "volume"
+) -> None:
+    """Refuse a channel whose decompressed size (voxels x `itemsize`) exceeds `MAX_CHANNEL_BYTES`,
+    before its voxels are read (the header says both)."""
+    size = int(np.prod([int(n) for n in shape[:3]], dtype=np.int64)) * int(itemsize)
+    if size > MAX_CHANNEL_BYTES:
+        raise DataError(
+            f"{what} too large ({size / 2**30:.2f} GiB per channel decompressed, {itemsize} bytes a voxel; "
+            f"at most {MAX_CHANNEL_BYTES / 2**30:.0f} GiB)",
+            files,
+        )
 
 
 def check_finite(data: np.ndarray, files: Sequence[str | os.PathLike], what: str = "volume") -> None:

@@ -83,6 +83,7 @@ def study_patient_row(study: dict[str, Any], rows: Sequence[dict[str, Any]]) -> 
         "slice_range": json.dumps(study["slice_range"]) if study["slice_range"] is not None else None,
         "bbox_3d": json.dumps(study["bbox_3d"]) if study["bbox_3d"] is not None else None,
         "mask_nifti": study["mask_nifti"],
+        "warning": study.get("warning"),
         "error": study["error"],
     }
 

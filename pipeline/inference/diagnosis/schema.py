@@ -17,7 +17,7 @@ REPORT_JSON = "report.json"
 PATIENTS_CSV = "patients.csv"
 JOURNAL = ".progress.jsonl"
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR, VOLUME_DIR = "masks", "overlays", "gradcam", "volumes"
-JOURNAL_VERSION = 2  # 2: the `slice` column and study records
+JOURNAL_VERSION = 3  # 2: the `slice` column and study records; 3: the `warning` column
 # the decision: what the pipeline found, not only what the classifier flagged
 FLAGGED = (TUMOUR, FLAGGED_EMPTY)
 
@@ -38,6 +38,7 @@ COLUMNS = (
     "mask_path",
     "overlay_path",
     "gradcam_path",  # relative to OUT
+    "warning",  # diagnosed, but something about the input needs a look (outliers clipped, oblique)
     "error",  # why the input could not be diagnosed
 )
 
@@ -57,6 +58,7 @@ STUDY_KEYS = (
     "slice_range",  # [first, last + 1) input slice indices holding tumour
     "bbox_3d",  # [i0, j0, k0, i1, j1, k1] input voxel indices, ends exclusive
     "mask_nifti",  # relative to OUT
+    "warning",  # `; `-joined: outliers left out of the intensity scale, an oblique acquisition
     "error",
 )
 OUTPUT_COLUMNS = ("mask_path", "overlay_path", "gradcam_path")
@@ -108,6 +110,7 @@ PATIENT_COLUMNS = (
     "slice_range",
     "bbox_3d",
     "mask_nifti",
+    "warning",
     "error",
 )
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import DataError
 from pipeline.inference.diagnosis.journal import slice_records, study_record
 from pipeline.inference.diagnosis.outputs import write_slice_outputs
 from pipeline.inference.diagnosis.planning import SLICE_STUDY, STUDY, StudyInput, WorkUnit
@@ -140,20 +141,38 @@ def _study_rows(study: StudyInput, name: str, slices: list[np.ndarray], grid: An
     return rows, explain_failed
 
 
+def _noted(volume: Any, rows: list[dict[str, Any]]) -> str | None:
+    """The study's warnings (`Volume.warnings`) as one text, put on each of its rows too."""
+    warning = text("; ".join(volume.warnings)) if volume.warnings else None
+    for row in rows:
+        row["warning"] = warning
+    return warning
+
+
+def _skipped_rows(volume: Any, patient: str) -> list[dict[str, Any]]:
+    """An error row for each file the reader left out of the study (a FIFO named `.dcm`, ...)."""
+    rows = []
+    for path, why in volume.skipped:
+        row = error_row(path, DataError(why))
+        row["patient_id"] = patient
+        rows.append(row)
+    return rows
+
+
 def diagnose_study(study: StudyInput, ctx: UnitContext) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Diagnose one volume study -> (its record (STUDY_KEYS), its rows, Grad-CAM impossible).
 
     Any failure (reading, co-registration, limits, prediction, writing the mask) is the study's
     one error row; the batch goes on.
     """
-    from pipeline.volumes.domain import to_model_slices
+    from pipeline.volumes.domain import model_volume, to_model_slices
     from pipeline.volumes.nifti_out import measure_study
 
     record: dict[str, Any] = dict.fromkeys(STUDY_KEYS)
     record.update(study_id=study_patient(study.name()), source=text(str(study.path)))
     name = study.output_name()
     try:
-        volume = study.load()
+        volume = model_volume(study.load())
         record.update(
             study_id=study_patient(volume.study_id),
             format=volume.format,
@@ -168,6 +187,7 @@ def diagnose_study(study: StudyInput, ctx: UnitContext) -> tuple[dict[str, Any],
         measures = measure_study(mask, volume)
         record["mask_nifti"] = ctx.writer.nifti(f"{VOLUME_DIR}/{name}_mask.nii.gz", mask, volume)
         rows, explain_failed = _study_rows(study, name, slices, grid, results, record["study_id"], ctx)
+        record["warning"] = _noted(volume, rows)
         record.update(
             slices=len(rows),
             slices_flagged=sum(1 for r in rows if r["decision"] in FLAGGED),
@@ -176,7 +196,7 @@ def diagnose_study(study: StudyInput, ctx: UnitContext) -> tuple[dict[str, Any],
             slice_range=list(measures.slice_range) if measures.slice_range else None,
             bbox_3d=list(measures.bbox) if measures.bbox else None,
         )
-        return record, rows, explain_failed
+        return record, rows + _skipped_rows(volume, record["study_id"]), explain_failed
     except Exception as exc:  # noqa: BLE001 - DataError or anything else a study can cause: its row
         row = error_row(study.path, exc)
         row["patient_id"] = record["study_id"]
