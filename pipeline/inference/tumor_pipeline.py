@@ -262,7 +262,8 @@ class TumorPipeline:
         self.batch_size = int(batch_size)
         self.tile_overlap = float(tile_overlap)
         self.meta: Any = None
-        self._use_backend(backend, precision, model_sha256 or {}, int8_xml or {})
+        self.model_sha256 = dict(model_sha256 or {})  # recorded in a diagnosis's settings and journal
+        self._use_backend(backend, precision, self.model_sha256, int8_xml or {})
 
     def __getattr__(self, name: str) -> Any:
         # called only when normal lookup fails: the operating point's fields read through
@@ -300,6 +301,13 @@ class TumorPipeline:
             "classifier_precision": self.classifier_runner.precision,
             "segmenter_precision": self.segmenter_runner.precision,
         }
+
+    @property
+    def variants(self) -> dict[str, str]:
+        """{"classifier", "segmenter"}: which variant of each model runs, `<backend>-<precision>`
+        (e.g. `openvino-int8`, `openvino-f32`, `keras-float32`), for reports and journals."""
+        return {role: f"{runner.name}-{runner.precision}" for role, runner in
+                (("classifier", self.classifier_runner), ("segmenter", self.segmenter_runner))}
 
     @property
     def params(self) -> OperatingPoint:
