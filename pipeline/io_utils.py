@@ -125,9 +125,11 @@ def csv_cell(value: Any) -> Any:
 
 def csv_safe(table: Any) -> Any:
     """A copy of the pandas DataFrame `table` with `csv_cell` applied to its text columns."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
     table = table.copy()
     for column in table.columns:
-        if table[column].dtype == object or str(table[column].dtype) == "string":
+        if not (is_numeric_dtype(table[column]) or is_bool_dtype(table[column])):  # text, objects
             table[column] = table[column].map(csv_cell)
     return table
 

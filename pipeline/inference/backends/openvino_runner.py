@@ -46,6 +46,8 @@ __all__ = ["PRECISIONS", "OpenVINORunner", "choose_precision", "cpu_key", "openv
 BF16_MARGIN = 1.10
 AUTO_PROBABILITY_MARGIN = 0.5
 LOAD_PROBE_SLICES = 2  # the behaviour probe of an IR loaded from the cache: a short one
+LOAD_DRIFT_FACTOR = 2.0  # its outputs may drift this many times what the export check measured
+LOAD_DRIFT_FLOOR = 1e-3  # ... and at least this much (another batch shape rounds differently)
 MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
 TIMING_REPEATS = 3
 _CORE: Any = None
@@ -216,13 +218,27 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     return chosen
 
 
-def probe_on_load(runner: OpenVINORunner, model: Any) -> dict[str, Any]:
-    """The agreement (`pipeline.models.agreement`) of a runner on an IR taken from the cache with
-    the Keras `model`, on the first `LOAD_PROBE_SLICES` of the export check's probe: bytes can
-    match a manifest edited with them, behaviour cannot."""
+def probe_on_load(runner: OpenVINORunner, model: Any, entry: IREntry) -> dict[str, Any]:
+    """Whether a runner on an IR taken from the cache still computes what the Keras `model` does,
+    on the first `LOAD_PROBE_SLICES` of the export check's probe: bytes can match a manifest edited
+    with them, behaviour cannot. The agreement (`pipeline.models.agreement`), and stricter than it:
+    outputs no further from Keras than the export check measured (`LOAD_DRIFT_FACTOR` times, at
+    least `LOAD_DRIFT_FLOOR`), and probabilities in [0, 1] where Keras' are (a sigmoid turned into
+    a ReLU keeps masks on the same side of 0.5 but gives "probabilities" of 30)."""
     x = model_probe(model)[:LOAD_PROBE_SLICES]
     reference = np.asarray(model(x, training=False), np.float32)  # eager: no tracing for 2 slices
-    return agreement(reference, runner.predict_on_batch(x))
+    candidate = runner.predict_on_batch(x)
+    result = agreement(reference, candidate)
+    recorded = (entry.manifest.get("agreement") or {}).get(runner.hint) or {}
+    if isinstance(recorded.get("max_abs_diff"), int | float):
+        limit = max(LOAD_DRIFT_FACTOR * recorded["max_abs_diff"], LOAD_DRIFT_FLOOR)
+        if result["max_abs_diff"] > limit:
+            result.update(ok=False, reason=f"drift {result['max_abs_diff']:.3g} > {limit:.3g} at export")
+    if reference.min() >= 0.0 and reference.max() <= 1.0 and not (
+            candidate.min() >= -LOAD_DRIFT_FLOOR and candidate.max() <= 1.0 + LOAD_DRIFT_FLOOR):
+        low, high = float(candidate.min()), float(candidate.max())
+        result.update(ok=False, reason=f"outputs in [{low:.3g}, {high:.3g}], not [0, 1]")
+    return result
 
 
 def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
@@ -247,7 +263,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
     chosen = choose_precision(entry, model, precision)
     runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
     if not exported:
-        probe = probe_on_load(runner, model)
+        probe = probe_on_load(runner, model, entry)
         if not probe["ok"]:
             log.warning("OpenVINO cache %s is not used: its IR disagrees with the Keras model on the "
                         "load probe (%s); exporting the model again", entry.directory, probe)
