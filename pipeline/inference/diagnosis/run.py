@@ -89,9 +89,7 @@ def run_diagnosis(
         remove_leftovers(out)
         pipeline, source, label = load_pipeline(
             pipeline, models_dir, run_dir, allow_unverified=allow_unverified, threshold=threshold,
-            min_component_px=min_component_px, batch_size=batch_size, backend=backend,
-            precision=precision,
-        )
+            min_component_px=min_component_px, batch_size=batch_size, backend=backend, precision=precision)
         settings = run_settings(pipeline, label, volumes, explain)
         failures: list[str] = []
         rows, study_results, n_resumed = _resume_and_execute(
