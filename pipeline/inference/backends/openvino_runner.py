@@ -262,7 +262,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
         return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8", entry=entry)
     chosen = choose_precision(entry, model, precision)
     runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
-    if not exported:
+    if check and not exported:  # `check=False` (benchmarks) skips the probe with the export check
         probe = probe_on_load(runner, model, entry)
         if not probe["ok"]:
             log.warning("OpenVINO cache %s is not used: its IR disagrees with the Keras model on the "
