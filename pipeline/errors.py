@@ -1,4 +1,4 @@
-"""Error types raised on bad input; each names the offending files."""
+"""Error types: bad input (naming the offending files), and an output folder that cannot be used."""
 
 from __future__ import annotations
 
@@ -15,3 +15,16 @@ class DataError(ValueError):
             listed = "\n".join(f"  - {f}" for f in self.files)
             message = f"{message}\n{listed}"
         super().__init__(message)
+
+
+class OutputInUseError(RuntimeError):
+    """Another process is writing into the same output folder (its lock is held)."""
+
+    def __init__(self, message: str, folder: str | os.PathLike):
+        self.folder = str(folder)
+        super().__init__(f"{message}\n  - {folder}")
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written (full disk, read-only folder, I/O error): not a
+    problem of the input, so it is retried by the next run. `errno` and `filename` as OSError's."""

@@ -1,11 +1,15 @@
-"""Files: atomic writes (a temporary file beside the target, then a rename) and file sums."""
+"""Files: atomic writes (a temporary file beside the target, then a rename), file sums, CSV cells
+a spreadsheet cannot run (`csv_cell`, `write_csv`: every CSV the project writes goes through them)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +72,69 @@ def atomic_save(path: str | os.PathLike, save_fn) -> None:
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path` (created if absent) while the block runs.
+
+    Raises BlockingIOError at once when another process holds it. The kernel drops the lock
+    when its process dies (kill -9 too), so a crash never leaves a stale lock behind; the file
+    itself stays (an empty marker). Local filesystems and NFSv4 honour it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(exc.errno, "locked by another process", str(path)) from None
+            raise
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+_TEMPORARY = re.compile(r"^\..+(\.tmp|\.tmp\d+(\.[^.]+)*)$")
+
+
+def is_leftover_temporary(name: str) -> bool:
+    """True for the names of temporary files `atomic_write` (`.<name>.<random>.tmp`) and
+    `atomic_save` (`.<stem>.tmp<pid><suffixes>`) create, which a killed process leaves behind."""
+    return bool(_TEMPORARY.match(name))
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in chunks."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (`=HYPERLINK(...)` in a file name would be live in patient_id); OWASP's "CSV injection".
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as a CSV cell no spreadsheet runs: a string starting with `=`, `+`, `-`, `@`, tab or
+    CR gets a leading `'` (shown as text); numbers, None and strings that are plain numbers
+    ("-0.5", "-inf") are returned as they are, so numeric columns stay numeric."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _NUMBER.match(value):
+        return "'" + value
+    return value
+
+
+def csv_safe(table: Any) -> Any:
+    """A copy of the pandas DataFrame `table` with `csv_cell` applied to its text columns."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    table = table.copy()
+    for column in table.columns:
+        if not (is_numeric_dtype(table[column]) or is_bool_dtype(table[column])):  # text, objects
+            table[column] = table[column].map(csv_cell)
+    return table
+
+
+def write_csv(path: str | os.PathLike, table: Any) -> None:
+    """Write the DataFrame `table` to `path` atomically, without its index, cells `csv_safe`."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as fh:
+        csv_safe(table).to_csv(fh, index=False)

@@ -284,6 +284,7 @@ class _InterruptAfter:
     def __init__(self, pipe: TumorPipeline, fail_on: int | None = None):
         self.pipe, self.fail_on, self.calls, self.seen = pipe, fail_on, 0, 0
         self.point, self.tile_size, self.backend_name = pipe.point, pipe.tile_size, pipe.backend_name
+        self.variants, self.model_sha256 = pipe.variants, pipe.model_sha256
 
     def predict(self, images):
         self.calls += 1
@@ -326,8 +327,10 @@ def test_an_interrupted_run_resumes_without_redoing_anything(synthetic_root, tmp
     run_diagnosis([synthetic_root], out, pipeline=fourth, resume=False, progress=False)
     assert fourth.seen == total  # --no-resume
     fifth = _InterruptAfter(stub_pipeline(threshold=0.7))
-    run_diagnosis([synthetic_root], out, pipeline=fifth, progress=False)
-    assert fifth.seen == total  # other settings: the journal does not apply
+    with pytest.raises(DataError, match="other settings .*threshold: 0.6 in the journal, 0.7 now"):
+        run_diagnosis([synthetic_root], out, pipeline=fifth, progress=False)  # never mixed (issue 21)
+    run_diagnosis([synthetic_root], out, pipeline=fifth, resume=False, progress=False)
+    assert fifth.seen == total  # other settings: only with --no-resume
 
 
 def test_a_changed_input_is_diagnosed_again(writable_synthetic_root, tmp_path):

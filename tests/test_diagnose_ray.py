@@ -137,7 +137,8 @@ def test_a_ray_run_killed_with_sigkill_resumes_to_the_same_outputs(cluster, ray_
     total = 4 + 3 + 1  # the study's slices journal together; one record each, with the NIfTI study
     assert 1 <= done < total, f"{done} of {total} units journalled when killed"
     assert not (out / "report.csv").exists()
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
+                           errors="replace", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "from an earlier run" in again.stdout
     _same_outputs(local_out, out)

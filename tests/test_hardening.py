@@ -25,6 +25,7 @@ from pipeline.inference import diagnosis as diagnose
 from pipeline.inference.diagnosis import JOURNAL, output_name, run_diagnosis
 from pipeline.inference.image_loading import load_slice
 from pipeline.inference.tumor_pipeline import TumorPipeline
+from pipeline.models.pair_artifact import SUMS_FILE, read_sums, write_sums
 from pipeline.paths import PROJECT_ROOT
 from tests.inference_helpers import expected_mask, stub_pipeline
 
@@ -65,6 +66,8 @@ def _edited_pair(pair: Path, folder: Path, edit) -> Path:
     meta = json.loads((copy / "pipeline.json").read_text())
     edit(meta)
     (copy / "pipeline.json").write_text(json.dumps(meta))
+    # re-vouched in SHA256SUMS, so the check under test is the one that refuses it
+    write_sums(copy, list(read_sums(copy / SUMS_FILE)))
     return copy
 
 

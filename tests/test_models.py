@@ -218,11 +218,14 @@ def test_tampered_pair_is_refused(saved_pair, tmp_path):
     directory, _, _ = saved_pair
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in (model_io.CLASSIFIER_FILE, model_io.SEGMENTER_FILE, model_io.META_FILE):
+    for name in (model_io.CLASSIFIER_FILE, model_io.SEGMENTER_FILE, model_io.META_FILE, "SHA256SUMS"):
         (copy / name).write_bytes((directory / name).read_bytes())
     with open(copy / model_io.CLASSIFIER_FILE, "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(DataError, match=model_io.CLASSIFIER_FILE):
+        model_io.load_pair(copy)
+    (copy / "SHA256SUMS").unlink()  # the trust root gone: refused too, not a switched-off check
+    with pytest.raises(DataError, match="SHA256SUMS is missing"):
         model_io.load_pair(copy)
 
 

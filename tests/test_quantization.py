@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 
+from pipeline.errors import DataError
 from pipeline.models.agreement import MASK_AGREEMENT, PROBABILITY_TOL
 from pipeline.quantization import int8 as q
 
@@ -37,7 +38,11 @@ def test_a_pairs_int8_ir_is_used_only_while_it_belongs_to_the_model_file(tmp_pat
         assert int8_irs(tmp_path, meta, {"segmenter": "b" * 64}) == {}  # the model was retrained
     assert "another model file" in caplog.text
     (tmp_path / "openvino" / "segmenter.int8.bin").write_bytes(b"changed")
-    assert int8_irs(tmp_path, meta, {"segmenter": "a" * 64}) == {}  # the file no longer matches its sum
+    with pytest.raises(DataError, match="INT8 segmenter files .* do not match their sha256"):
+        int8_irs(tmp_path, meta, {"segmenter": "a" * 64})  # refused: never a silent float32 (issue 21)
+    with caplog.at_level(logging.WARNING):
+        assert int8_irs(tmp_path, meta, {"segmenter": "a" * 64}, allow_unverified=True) == {}
+    assert "UNVERIFIED PAIR" in caplog.text
 
 
 def test_calibration_slices_are_half_tumour_when_there_are_enough():

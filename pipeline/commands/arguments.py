@@ -38,8 +38,9 @@ def add_pair_arguments(parser: Any, *, unverified: bool = True, required: bool =
                        help="a training run directory: use the pair it holds (and its split file)")
     if unverified:
         parser.add_argument("--allow-unverified", action="store_true",
-                            help="load a pair whose pipeline.json records no sha256 of its model files "
-                                 "(refused otherwise)")
+                            help="load a pair whose pipeline.json records no sha256 of its model files, "
+                                 "whose SHA256SUMS is missing or does not vouch for its pipeline.json, or "
+                                 "whose INT8 files fail their sums (refused otherwise), with a loud warning")
 
 
 def resolve_pair_args(args: argparse.Namespace) -> PairSource:

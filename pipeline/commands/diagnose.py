@@ -7,10 +7,17 @@ mask NIfTI on its own grid and affine in OUT/volumes/, and its tumour volume in 
 and 3D bounding box in patients.csv and report.json. OUT/index.html is the review page (opens
 from disk): the summary, a card per study or patient with its 3D view, the slices' table.
 
-Also the console script `lgg-diagnose` (`main`). Exit codes: 0 every input diagnosed,
-1 at least one input failed (its row in report.csv says why), 2 unusable arguments
-(no input found, OUT is a file, cannot be written or contains an input, no trained model
-pair or an invalid one: its pipeline.json out of range, missing a key or its sha256 sums).
+Also the console script `lgg-diagnose` (`main`). Exit codes:
+
+  0  every input diagnosed
+  1  at least one input failed (its row in report.csv says why)
+  2  unusable arguments: no input found, OUT is a file, cannot be written or contains an input,
+     no trained model pair or an invalid one (its pipeline.json out of range, missing a key, its
+     sha256 sums or its SHA256SUMS, a file not matching them), or OUT's journal was made with
+     other settings or models (--no-resume starts over)
+  3  another diagnose is writing into OUT (one run per output folder at a time)
+  4  outputs, the journal or the reports could not be written (a full disk, a read-only
+     folder): what is done is journalled, and the same command run again does the rest
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE, EXIT_OUT_IN_USE, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
+MAX_LISTED = 5  # write failures printed one by one
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the diagnose options on `parser`."""
+    """Register the diagnose options on `parser` (its help ends with the exit codes)."""
+    parser.epilog = _exit_codes()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     from pipeline.commands.arguments import (
         add_backend_arguments,
         add_out_argument,
@@ -80,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _exit_codes() -> str:
+    """The exit-code table of this module's docstring, for `--help`."""
+    return "exit codes:" + __doc__.split("Exit codes:", 1)[1].rstrip()
+
+
 def _add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "executor", "who runs the work: this process, or a Ray cluster. With ray, every node writes "
@@ -116,7 +131,7 @@ def _executor(args: argparse.Namespace) -> object:
 def run(args: argparse.Namespace) -> int:
     """Run the diagnosis described by `args`; print a summary and return the exit code."""
     from pipeline.commands.arguments import point_overrides
-    from pipeline.errors import DataError
+    from pipeline.errors import DataError, OutputInUseError, OutputWriteError
     from pipeline.inference.diagnosis import run_diagnosis
 
     if args.batch_size < 1:
@@ -158,6 +173,18 @@ def run(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUT_IN_USE
+    except OutputWriteError as exc:
+        print(f"error: {exc}; nothing was diagnosed", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    _print_summary(result)
+    return result.exit_code
+
+
+def _print_summary(result: object) -> None:
+    """What a finished diagnosis found, where its reports are, and what failed (stderr)."""
     n = len(result.rows)
     empty = result.n_flagged - result.n_found
     print(
@@ -170,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
             f"skipped {result.skipped_masks} ground-truth *_mask file(s) "
             "(use --include-masks to diagnose them)"
         )
+    variants = ", ".join(f"{role} {v}" for role, v in result.settings.get("variants", {}).items())
     print(f"models: {result.settings['models']} (threshold {result.settings['threshold']:.3f}, "
-          f"backend {result.settings.get('backend', 'keras')})")
+          f"backend {result.settings.get('backend', 'keras')}" + (f": {variants}" if variants else "") + ")")
     if result.studies:
         failed = sum(1 for st in result.studies if st["error"])
         print(f"{len(result.studies)} volume stud{'y' if len(result.studies) == 1 else 'ies'}: "
@@ -189,7 +217,20 @@ def run(args: argparse.Namespace) -> int:
     for row in result.rows:
         if row["error"]:
             print(f"failed: {row['path']}: {row['error']}", file=sys.stderr)
-    return result.exit_code
+    _print_write_errors(result.write_errors)
+
+
+def _print_write_errors(errors: list[str]) -> None:
+    if not errors:
+        return
+    print(f"error: {len(errors)} write failure(s) in the output folder (a full disk or a read-only "
+          "folder?):", file=sys.stderr)
+    for message in errors[:MAX_LISTED]:
+        print(f"  {message}", file=sys.stderr)
+    if len(errors) > MAX_LISTED:
+        print(f"  ... and {len(errors) - MAX_LISTED} more", file=sys.stderr)
+    print("what was written is journalled: fix the folder, then run the same command again to do "
+          "the rest", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import DataError
-from pipeline.io_utils import atomic_write
+from pipeline.io_utils import write_csv
 from pipeline.paths import MODELS_DIR, SPLITS_FILE, PairSource
 
 __all__ = [
@@ -179,8 +179,7 @@ def save_splits(splits: pd.DataFrame, path: str | os.PathLike) -> None:
     ordered = splits[SPLIT_COLUMNS].copy()
     ordered["_rank"] = ordered["split"].map({n: i for i, n in enumerate(SPLIT_NAMES)})
     ordered = ordered.sort_values(["_rank", "patient_id"], kind="stable")[SPLIT_COLUMNS]
-    with atomic_write(path, "w", encoding="utf-8", newline="") as fh:
-        ordered.to_csv(fh, index=False)
+    write_csv(path, ordered)
 
 
 def load_splits(path: str | os.PathLike) -> pd.DataFrame:

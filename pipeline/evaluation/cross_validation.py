@@ -25,7 +25,7 @@ from pipeline import metrics
 from pipeline.data.splits import load_splits
 from pipeline.errors import DataError
 from pipeline.evaluation.compare import error_counts
-from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.io_utils import atomic_write_json, write_csv
 from pipeline.paths import SPLITS_FILE
 from pipeline.training.calibration import choose_point
 
@@ -75,8 +75,7 @@ def pool_folds(variant: str | os.PathLike, out_dir: str | os.PathLike | None = N
                         [variant])
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("patients.csv", pooled_p), ("slices.csv", pooled_s)):
-        with atomic_write(out / name, "w", encoding="utf-8", newline="") as fh:
-            table.to_csv(fh, index=False)
+        write_csv(out / name, table)
     return out
 
 
@@ -176,13 +175,11 @@ def write_summary(variant: str | os.PathLike, n_boot: int = 2000) -> tuple[dict[
     pooled = pool_folds(variant)
     summary = summarize_pooled(pooled, n_boot=n_boot)
     curve = epoch_curve(variant)
-    with atomic_write(pooled / "epochs.csv", "w", encoding="utf-8", newline="") as fh:
-        curve.to_csv(fh, index=False)
+    write_csv(pooled / "epochs.csv", curve)
     summary["epoch_curve"] = "epochs.csv"
     if all((fold / "calibration_grid.csv").is_file() for fold in fold_dirs(variant)):
         grid = pooled_grid(variant)
-        with atomic_write(pooled / "calibration_grid.csv", "w", encoding="utf-8", newline="") as fh:
-            grid.to_csv(fh, index=False)
+        write_csv(pooled / "calibration_grid.csv", grid)
         best = choose_point(grid)
         summary["pooled_operating_point"] = {k: float(best[k]) for k in (*GRID_KEYS, "mean_patient_dice")}
     atomic_write_json(pooled / "summary.json", summary)

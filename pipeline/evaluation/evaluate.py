@@ -36,7 +36,7 @@ from pipeline.evaluation import figures
 from pipeline.evaluation.predictions import PipelineLike, SegmentFn, SlicePredictions, predict_slices
 from pipeline.evaluation.report import build_report, render_markdown
 from pipeline.evaluation.report_html import render_html
-from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.io_utils import atomic_write, atomic_write_json, write_csv
 from pipeline.paths import MODELS_DIR, RUNS_DIR, resolve_pair
 from pipeline.paths import PairSource as ModelSource
 
@@ -109,8 +109,7 @@ def write_evaluation(
     files["slices_csv"] = out_dir / "slices.csv"
     files["patients_csv"] = out_dir / "patients.csv"
     for key, table in (("slices_csv", slices), ("patients_csv", patients)):
-        with atomic_write(files[key], "w", encoding="utf-8", newline="") as fh:
-            table.to_csv(fh, index=False)
+        write_csv(files[key], table)
     report["tables"] = {"slices": "slices.csv", "patients": "patients.csv"}
 
     files["report_json"] = out_dir / "report.json"

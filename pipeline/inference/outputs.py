@@ -6,17 +6,18 @@ neither imports the other for them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.data.readers import slice_name
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OutputWriteError
 from pipeline.inference.overlays import encode_png
 from pipeline.io_utils import atomic_write_bytes
 from pipeline.paths import safe_resolve
@@ -98,16 +99,36 @@ class OutputWriter:
         return target
 
     def png(self, relative: str, image: np.ndarray) -> str:
-        """Write `image` as the PNG OUT/`relative` (checked as `_target`)."""
-        atomic_write_bytes(self._target(relative), encode_png(image))
+        """Write `image` as the PNG OUT/`relative` (checked as `_target`); OutputWriteError when the
+        file system refuses (full disk, read-only folder)."""
+        target = self._target(relative)
+        data = encode_png(image)
+        with writing(relative, target):
+            atomic_write_bytes(target, data)
         return relative
 
     def nifti(self, relative: str, mask: np.ndarray, volume: Any) -> str:
-        """Write `mask` as the NIfTI OUT/`relative` on `volume`'s grid (checked as `_target`)."""
+        """Write `mask` as the NIfTI OUT/`relative` on `volume`'s grid (checked as `_target`;
+        OutputWriteError as `png`)."""
         from pipeline.volumes.nifti_out import write_mask_nifti
 
-        write_mask_nifti(self._target(relative), mask, volume)
+        target = self._target(relative)
+        with writing(relative, target):
+            write_mask_nifti(target, mask, volume)
         return relative
+
+
+@contextlib.contextmanager
+def writing(relative: str, target: Path) -> Iterator[None]:
+    """Turn an OSError while writing OUT/`relative` into OutputWriteError (a problem of OUT, not of
+    the input: the diagnosis keeps the row's decision and does not journal it, so a re-run retries)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot write {text(relative)}: {exc.strerror or exc}",
+                               str(target)) from exc
 
 
 

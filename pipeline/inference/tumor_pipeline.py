@@ -262,7 +262,8 @@ class TumorPipeline:
         self.batch_size = int(batch_size)
         self.tile_overlap = float(tile_overlap)
         self.meta: Any = None
-        self._use_backend(backend, precision, model_sha256 or {}, int8_xml or {})
+        self.model_sha256 = dict(model_sha256 or {})  # recorded in a diagnosis's settings and journal
+        self._use_backend(backend, precision, self.model_sha256, int8_xml or {})
 
     def __getattr__(self, name: str) -> Any:
         # called only when normal lookup fails: the operating point's fields read through
@@ -302,6 +303,13 @@ class TumorPipeline:
         }
 
     @property
+    def variants(self) -> dict[str, str]:
+        """{"classifier", "segmenter"}: which variant of each model runs, `<backend>-<precision>`
+        (e.g. `openvino-int8`, `openvino-f32`, `keras-float32`), for reports and journals."""
+        return {role: f"{runner.name}-{runner.precision}" for role, runner in
+                (("classifier", self.classifier_runner), ("segmenter", self.segmenter_runner))}
+
+    @property
     def params(self) -> OperatingPoint:
         """The operating point (`point`; the former name)."""
         return self.point
@@ -318,6 +326,7 @@ class TumorPipeline:
         *,
         point: OperatingPoint | None = None,
         backend: str = KERAS,
+        allow_unverified: bool = False,
         **options: Any,
     ) -> TumorPipeline:
         """The pipeline of a loaded `model_io.ModelPair`, its operating point and tile size from the
@@ -326,7 +335,8 @@ class TumorPipeline:
         `pair_dir` (where the pair's files are) lets a backend that takes INT8 IRs use the ones the
         pair ships (`pair_artifact.int8_irs`). `options`: the constructor's other keywords
         (`batch_size`, `precision`, `model_sha256`, ...) and operating-point fields to override;
-        None values are ignored. The pair's model sums key the OpenVINO cache.
+        None values are ignored. The pair's model sums key the OpenVINO cache. INT8 files not
+        matching their sums are refused (DataError) unless `allow_unverified`.
         """
         from pipeline.models.pair_artifact import INT8_KEY, PairArtifact, int8_irs, model_sums
 
@@ -339,7 +349,8 @@ class TumorPipeline:
         settings.update({k: v for k, v in options.items() if v is not None})
         settings.setdefault("model_sha256", model_sums(artifact.sha256))
         if pair_dir is not None and pair.meta.get(INT8_KEY) and _takes_int8(backend):
-            settings.setdefault("int8_xml", int8_irs(pair_dir, pair.meta, settings["model_sha256"]))
+            settings.setdefault("int8_xml", int8_irs(pair_dir, pair.meta, settings["model_sha256"],
+                                                     allow_unverified=allow_unverified))
         pipeline = cls(pair.classifier, pair.segmenter, **settings)
         pipeline.meta = pair.meta
         return pipeline
@@ -359,7 +370,7 @@ class TumorPipeline:
         from pipeline.models import model_io
 
         pair = model_io.load_pair(path, allow_unverified=allow_unverified)
-        return cls.from_pair(pair, path, **overrides)
+        return cls.from_pair(pair, path, allow_unverified=allow_unverified, **overrides)
 
     # ------------------------------------------------------------------ stages
 

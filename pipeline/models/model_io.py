@@ -8,6 +8,7 @@ A pair directory holds
                        point (threshold, seg_threshold, min_component_px, ...), tile_size,
                        classifier_image_size, policy (dtype policy used in training), created,
                        versions, and the sha256 of each model file (required, checked on load)
+    SHA256SUMS         `sha256sum -c` list of the files and pipeline.json (required, checked on load)
 
 `pipeline.json` is written last, so its presence marks a complete pair. Models load with
 `safe_mode=True` and `compile=False` by default: the files carry no optimizer state, and
@@ -34,6 +35,7 @@ from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     META_FILE,
     SEGMENTER_FILE,
+    SUMS_FILE,
     PairArtifact,
     read_pair_meta,
     write_pair_meta,
@@ -166,7 +168,8 @@ def save_pair(directory: str | os.PathLike, classifier: keras.Model, segmenter: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Remove a stale marker first: a crash while saving must not leave an old json over new models.
-    (directory / META_FILE).unlink(missing_ok=True)
+    for name in (META_FILE, SUMS_FILE):
+        (directory / name).unlink(missing_ok=True)
     save_model(classifier, directory / CLASSIFIER_FILE)
     save_model(segmenter, directory / SEGMENTER_FILE)
     given = dict(meta or {})

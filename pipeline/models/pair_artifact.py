@@ -18,8 +18,9 @@ Required: the operating point's required fields, `tile_size`, `sha256`; a missin
 out-of-range value is a DataError naming the key and the file, never a silent default. Older
 files are read too: `segmenter_tile_size` stands for `tile_size` (both are written, equal, for
 older readers) and a top-level `mask_threshold` for `seg_threshold`. A pair without the sums of
-its model files is refused unless the caller passes `allow_unverified=True` (`--allow-unverified`),
-and the loader then logs a loud warning.
+its model files, or whose `SHA256SUMS` (the trust root, written beside `pipeline.json` by
+`write_pair_meta`) is missing or does not vouch for `pipeline.json`, is refused unless the caller
+passes `allow_unverified=True` (`--allow-unverified`), and the loader then logs a loud warning.
 
 Which pair to use is decided by `pipeline.paths.resolve_pair`, one rule for every command.
 
@@ -31,7 +32,8 @@ INT8 IRs a pair may ship for the OpenVINO backend (made by `pipeline.quantizatio
 
 `int8_irs` is the one rule for which of them apply: an INT8 IR is used only while its
 `source_sha256` is the sha256 of the model file it was made from (a retrained model never runs
-with an old INT8 copy) and its own files match their sums; the OpenVINO backend prefers it under
+with an old INT8 copy); INT8 files that do not match their sums are refused (a DataError, never a
+silent fallback to float32); the OpenVINO backend prefers it under
 `precision="auto"` only (`f32` / `bf16` never use it).
 
 `write_pair_meta` is the one writer: it validates the record the same way and stores paths
@@ -213,11 +215,14 @@ def model_sums(sha256: Mapping[str, str]) -> dict[str, str]:
 
 
 def int8_irs(pair_dir: str | os.PathLike, meta: Mapping[str, Any],
-             model_sha256: Mapping[str, str]) -> dict[str, Path]:
+             model_sha256: Mapping[str, str], *, allow_unverified: bool = False) -> dict[str, Path]:
     """{role: xml path} of the INT8 IRs a pair ships that still belong to its model files.
 
-    An entry whose `source_sha256` differs from the model file's sum (`model_sha256`, {role: sum}),
-    or whose files are missing or do not match the sums in `meta["sha256"]`, is skipped with a warning.
+    An entry whose `source_sha256` differs from the model file's sum (`model_sha256`, {role: sum})
+    is skipped with a warning (the model was retrained after it was made). An entry whose files are
+    missing or do not match the sums in `meta["sha256"]` is refused: DataError naming them (the
+    pair is damaged; running float32 instead would hide it), or with `allow_unverified` skipped
+    with a loud warning.
     """
     pair_dir = Path(pair_dir)
     entries = meta.get(INT8_KEY) or {}
@@ -232,9 +237,15 @@ def int8_irs(pair_dir: str | os.PathLike, meta: Mapping[str, Any],
         names = [entry.get("xml"), entry.get("bin")]
         problems = [n for n in names
                     if not n or not (pair_dir / n).is_file() or sums.get(n) != sha256_of(pair_dir / n)]
+        if problems and not allow_unverified:
+            raise DataError(
+                f"the pair's INT8 {role} files are missing or do not match their sha256 in {META_FILE}; "
+                f"re-run `python -m pipeline quantize`, restore them, or {ALLOW_UNVERIFIED_HINT} "
+                "(without INT8)", [pair_dir / str(n) for n in problems])
         if problems:
-            log.warning("the INT8 %s files in %s are missing or do not match their sha256 (%s); not used",
-                        role, pair_dir, ", ".join(str(p) for p in problems))
+            log.warning("UNVERIFIED PAIR: the INT8 %s files in %s are missing or do not match their "
+                        "sha256 (%s); not used (allow_unverified=True)", role, pair_dir,
+                        ", ".join(str(p) for p in problems))
             continue
         found[role] = pair_dir / entry["xml"]
     return found
@@ -254,7 +265,7 @@ def read_pair_record(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-SUMS_FILE = "SHA256SUMS"  # a release's `sha256sum -c` list, which also covers pipeline.json
+SUMS_FILE = "SHA256SUMS"  # every pair's `sha256sum -c` list, which also covers pipeline.json
 
 
 def read_sums(path: str | os.PathLike) -> dict[str, str]:
@@ -287,31 +298,45 @@ def sums_text(directory: str | os.PathLike, names: list[str]) -> str:
     return "".join(f"{sha256_of(Path(directory) / name)}  {name}\n" for name in names)
 
 
-def _check_listed_sum(directory: Path) -> None:
-    """When the pair has a `SHA256SUMS` listing `pipeline.json`, the file must match it (a release's
-    operating point cannot be edited unnoticed); DataError naming the file otherwise."""
+def _trust_root_problem(directory: Path, artifact: PairArtifact) -> str | None:
+    """Why the pair's `SHA256SUMS` does not vouch for its `pipeline.json`, or None when it does:
+    the file must exist, list `pipeline.json` with its sum, and agree with `pipeline.json` on
+    every file both list."""
     sums, meta = directory / SUMS_FILE, directory / META_FILE
     if not sums.is_file():
-        return
-    recorded = read_sums(sums).get(META_FILE)
-    if recorded is not None:
-        actual = sha256_of(meta)
-        if actual != recorded:
-            raise DataError(
-                f"sha256 mismatch: {META_FILE} has {actual}, {SUMS_FILE} records {recorded}; "
-                "the operating point was edited after the release (re-run `make release`)",
-                [meta],
-            )
+        return (f"{SUMS_FILE} is missing, so {META_FILE} (the operating point and the model sums) "
+                "cannot be verified")
+    listed = read_sums(sums)
+    recorded = listed.get(META_FILE)
+    if recorded is None:
+        return f"{SUMS_FILE} records no sha256 for {META_FILE}"
+    actual = sha256_of(meta)
+    if actual != recorded:
+        return (f"sha256 mismatch: {META_FILE} has {actual}, {SUMS_FILE} records {recorded}; "
+                "the operating point or the model sums were edited after the pair was saved")
+    differ = [name for name, digest in artifact.sha256.items() if listed.get(name, digest) != digest]
+    if differ:
+        return f"{SUMS_FILE} and {META_FILE} record different sha256 for {', '.join(differ)}"
+    return None
 
 
 def read_pair_meta(directory: str | os.PathLike, *, allow_unverified: bool = False) -> PairArtifact:
     """The validated `pipeline.json` of the pair in `directory` (see `PairArtifact.from_dict`),
-    checked against the pair's `SHA256SUMS` when it has one (unless `allow_unverified`)."""
-    path = Path(directory) / META_FILE
-    record = read_pair_record(directory)
-    if not allow_unverified:
-        _check_listed_sum(Path(directory))
-    return PairArtifact.from_dict(record, path, allow_unverified=allow_unverified)
+    vouched for by the pair's `SHA256SUMS` (the trust root: `_trust_root_problem`).
+
+    A missing or mismatching `SHA256SUMS` is a DataError, like a missing model sum; with
+    `allow_unverified` the pair loads with a loud warning instead.
+    """
+    directory = Path(directory)
+    path = directory / META_FILE
+    artifact = PairArtifact.from_dict(read_pair_record(directory), path, allow_unverified=allow_unverified)
+    problem = _trust_root_problem(directory, artifact)
+    if problem is not None and not allow_unverified:
+        raise DataError(f"{problem}; re-save the pair (make train / make release / `calibrate`), or "
+                        f"{ALLOW_UNVERIFIED_HINT}", [directory / SUMS_FILE if "missing" in problem else path])
+    if problem is not None:
+        log.warning("UNVERIFIED PAIR %s: %s; loading it anyway (allow_unverified=True)", directory, problem)
+    return artifact
 
 
 def portable_paths(value: Any) -> Any:
@@ -337,9 +362,14 @@ _DROP = object()
 
 def write_pair_meta(directory: str | os.PathLike, record: Mapping[str, Any]) -> PairArtifact:
     """Validate `record` (`PairArtifact.from_dict`, model sums required) and write it as the
-    pair's `pipeline.json`, atomically, with `portable_paths`. Returns the artifact written."""
-    path = Path(directory) / META_FILE
+    pair's `pipeline.json`, atomically, with `portable_paths`, then the pair's `SHA256SUMS` (the
+    trust root `read_pair_meta` requires): the model files, the other files the record sums that
+    are there, and `pipeline.json` last. Returns the artifact written."""
+    directory = Path(directory)
+    path = directory / META_FILE
     artifact = PairArtifact.from_dict(record, path)
     artifact = PairArtifact.from_dict(portable_paths(artifact.to_dict()), path)
     atomic_write_json(path, artifact.to_dict())
+    others = [n for n in artifact.sha256 if n not in MODEL_FILES and (directory / n).is_file()]
+    write_sums(directory, [*MODEL_FILES, *others, META_FILE])
     return artifact

@@ -34,6 +34,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from pipeline.inference.tumor_pipeline import TumorPipeline
+from pipeline.io_utils import write_csv
 from pipeline.metrics import dice_from_counts
 from pipeline.postprocessing import (
     CONNECTIVITY_3D,
@@ -274,7 +275,7 @@ def calibrate_on_validation(classifier: keras.Model, segmenter: keras.Model, dat
         cal.thresholds, cal.min_component_px, cal.mask_threshold,
         batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
     )
-    result.grid.to_csv(grid_csv, index=False)
+    write_csv(grid_csv, result.grid)
     return result
 
 

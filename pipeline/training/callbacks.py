@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 import matplotlib.pyplot as plt  # the backend is the caller's (the commands choose Agg)
 
-from pipeline.io_utils import atomic_save, atomic_write
+from pipeline.io_utils import atomic_save, atomic_write, csv_cell
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def trim_history(path: Path, keep_epochs: int) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for epoch in sorted(by_epoch):
-            writer.writerow(by_epoch[epoch])
+            writer.writerow({k: csv_cell(v) for k, v in by_epoch[epoch].items()})
 
 
 def best_in_history(path: Path, monitor: str) -> float | None:
@@ -321,7 +321,7 @@ def merge_histories(phases: Sequence[tuple[str, Path]], out_path: Path) -> list[
     with atomic_write(out_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields or ["stage_epoch", "phase", "epoch"])
         writer.writeheader()
-        writer.writerows(merged)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in merged)
     return merged
 
 

@@ -32,7 +32,6 @@ from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.backbone_weights import SCRATCH_LABEL, from_scratch
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
 from pipeline.models.precision import apply_policy, resolve_policy
-from pipeline.postprocessing import OperatingPoint
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     LATEST_FILE,
     LATEST_LINK,
@@ -40,9 +39,17 @@ from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     resolve_cache_dir,
     resolve_data_dir,
 )
+from pipeline.postprocessing import OperatingPoint
 from pipeline.training.calibration import calibrate_on_validation
 from pipeline.training.classifier_training import StageResult, train_classifier
-from pipeline.training.config import Config, ConfigError, config_to_dict, dump_config, project_path, replace_in
+from pipeline.training.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    dump_config,
+    project_path,
+    replace_in,
+)
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
 from pipeline.training.distribute import get_strategy, is_chief, worker_dir, worker_settings
 from pipeline.training.phase import read_marker

@@ -8,12 +8,17 @@ Layout under the cache root (`$LGG_OPENVINO_CACHE`, else `$LGG_CACHE_DIR/openvin
                                the runner reshapes it to static batch shapes before compiling)
         manifest.json          model_sha256 (full), openvino and keras versions, the IR files'
                                sha256, and what the runner records: agreement checks per
-                               precision, the precision chosen per CPU
+                               precision, the precision chosen per CPU, the sha256 of each
+                               compiled blob (`compiled_sha256`, recorded after each compile)
         compiled/              OpenVINO's own compiled-blob cache (`CACHE_DIR`)
 
 A directory is used only when its manifest names the same model sha256 and OpenVINO version
-and its IR files still have the recorded sums; anything else (a damaged or half-written
-entry, a file changed by hand) is logged and exported again - a stale IR is never reused.
+and its IR files and compiled blobs still have the recorded sums; anything else (a damaged or
+half-written entry, a file changed by hand, another model's blob copied over one) is logged and
+exported again - a stale IR is never reused. A blob no sum covers (its process was killed
+before recording it) is removed, and compiled again when needed. Bytes are not enough: an IR
+edited together with its manifest would pass, so the runner also probes every entry it loads
+against the Keras model (`openvino_runner`), and a disagreement re-exports it.
 Exports are written to a temporary directory and renamed into place, so an interrupted
 export leaves nothing that looks complete.
 """
@@ -43,7 +48,7 @@ MANIFEST = "manifest.json"
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 COMPILED = "compiled"
-FORMAT = 4  # bump when the meaning of the manifest or the export changes
+FORMAT = 5  # bump when the meaning of the manifest or the export changes (5: compiled_sha256)
 
 
 def cache_root(flag: str | os.PathLike | None = None) -> Path:
@@ -95,6 +100,43 @@ class IREntry:
             value = {**current, **value}
         self.manifest[key] = value
         atomic_write_json(self.directory / MANIFEST, self.manifest)
+
+    def record_compiled(self) -> None:
+        """Record the sum of every compiled blob no sum covers yet (after a compile wrote it)."""
+        known = dict(self.manifest.get("compiled_sha256") or {})
+        fresh = {}
+        for path in _compiled_files(self.compiled_dir):
+            name = path.relative_to(self.compiled_dir).as_posix()
+            if name not in known:
+                try:
+                    fresh[name] = sha256_of(path)
+                except OSError:  # removed meanwhile (another process found it uncovered)
+                    continue
+        if fresh:
+            self.record("compiled_sha256", fresh)
+
+    def discard(self) -> None:
+        """Remove this entry (it failed the behaviour probe): the next `cached_ir` exports again."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _compiled_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def _compiled_problem(directory: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the compiled blobs of an entry cannot be trusted, or None; blobs no sum covers are
+    removed on the way (OpenVINO compiles them again)."""
+    recorded = manifest.get("compiled_sha256") or {}
+    if not isinstance(recorded, dict):
+        return "its compiled_sha256 is not an object"
+    for path in _compiled_files(directory / COMPILED):
+        name = path.relative_to(directory / COMPILED).as_posix()
+        if name not in recorded:
+            path.unlink(missing_ok=True)
+        elif sha256_of(path) != recorded[name]:
+            return f"{COMPILED}/{name} does not match the sum in {MANIFEST}"
+    return None
 
 
 def _export_graph(model: Any) -> Any:
@@ -176,7 +218,7 @@ def _problem(directory: Path, sha256: str, versions: dict[str, str]) -> str | No
             return f"{name} is missing"
         if sha256_of(path) != manifest.get("ir_sha256", {}).get(name):
             return f"{name} does not match the sum in {MANIFEST}"
-    return None
+    return _compiled_problem(directory, manifest)
 
 
 def _load(directory: Path) -> IREntry:

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.inference.backends.base import AUTO, OPENVINO, PRECISIONS, BackendError
 from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
-from pipeline.models.agreement import PROBABILITY_TOL, check_agreement, model_probe
+from pipeline.models.agreement import PROBABILITY_TOL, agreement, check_agreement, model_probe
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ __all__ = ["PRECISIONS", "OpenVINORunner", "choose_precision", "cpu_key", "openv
 
 BF16_MARGIN = 1.10
 AUTO_PROBABILITY_MARGIN = 0.5
+LOAD_PROBE_SLICES = 2  # the behaviour probe of an IR loaded from the cache: a short one
+LOAD_DRIFT_FACTOR = 2.0  # its outputs may drift this many times what the export check measured
+LOAD_DRIFT_FLOOR = 1e-3  # ... and at least this much (another batch shape rounds differently)
 MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
 TIMING_REPEATS = 3
 _CORE: Any = None
@@ -100,13 +103,14 @@ class OpenVINORunner:
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32",
                  compiled_dir: str | os.PathLike | None = None, streams: int | None = None,
-                 label: str | None = None) -> None:
+                 label: str | None = None, entry: IREntry | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown OpenVINO precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.xml = Path(xml)
         self.hint = precision
         self.precision = label or precision
         self.compiled_dir = Path(compiled_dir) if compiled_dir else None
+        self.entry = entry  # the cache entry whose compiled blobs get their sums recorded
         self._model: Any = None
         self._compiled: dict[tuple[int, ...], list[Any]] = {}
         self.streams = int(streams) if streams else default_streams()
@@ -125,6 +129,8 @@ class OpenVINORunner:
             model.reshape(list(shape))
             compiled = core().compile_model(model, "CPU", self._config())
             self._compiled[shape] = [compiled.create_infer_request() for _ in range(self.streams)]
+            if self.entry is not None and self.compiled_dir is not None:
+                self.entry.record_compiled()  # the blob this compile wrote, under a sum
         return self._compiled[shape]
 
     def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
@@ -159,7 +165,8 @@ def _agreement(entry: IREntry, model: Any, precision: str) -> dict[str, Any]:
     known = entry.manifest.get("agreement", {}).get(precision)
     if isinstance(known, dict) and "ok" in known:
         return known
-    result = check_agreement(model, OpenVINORunner(entry.xml, precision, entry.compiled_dir).predict_on_batch)
+    runner = OpenVINORunner(entry.xml, precision, entry.compiled_dir, entry=entry)
+    result = check_agreement(model, runner.predict_on_batch)
     entry.record("agreement", {precision: result})
     return result
 
@@ -199,7 +206,8 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
         chosen, record["reason"] = "bf16", "AMX"
     else:
         x = model_probe(model)
-        rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir), x) for p in PRECISIONS}
+        rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir, entry=entry), x)
+                 for p in PRECISIONS}
         chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
         record["slices_per_s"] = {p: round(r, 1) for p, r in rates.items()}
         record["reason"] = "timed"
@@ -210,32 +218,72 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     return chosen
 
 
+def probe_on_load(runner: OpenVINORunner, model: Any, entry: IREntry) -> dict[str, Any]:
+    """Whether a runner on an IR taken from the cache still computes what the Keras `model` does,
+    on the first `LOAD_PROBE_SLICES` of the export check's probe: bytes can match a manifest edited
+    with them, behaviour cannot. The agreement (`pipeline.models.agreement`), and stricter than it:
+    outputs no further from Keras than the export check measured (`LOAD_DRIFT_FACTOR` times, at
+    least `LOAD_DRIFT_FLOOR`), and probabilities in [0, 1] where Keras' are (a sigmoid turned into
+    a ReLU keeps masks on the same side of 0.5 but gives "probabilities" of 30)."""
+    x = model_probe(model)[:LOAD_PROBE_SLICES]
+    reference = np.asarray(model(x, training=False), np.float32)  # eager: no tracing for 2 slices
+    candidate = runner.predict_on_batch(x)
+    result = agreement(reference, candidate)
+    recorded = (entry.manifest.get("agreement") or {}).get(runner.hint) or {}
+    if isinstance(recorded.get("max_abs_diff"), int | float):
+        limit = max(LOAD_DRIFT_FACTOR * recorded["max_abs_diff"], LOAD_DRIFT_FLOOR)
+        if result["max_abs_diff"] > limit:
+            result.update(ok=False, reason=f"drift {result['max_abs_diff']:.3g} > {limit:.3g} at export")
+    if reference.min() >= 0.0 and reference.max() <= 1.0 and not (
+            candidate.min() >= -LOAD_DRIFT_FLOOR and candidate.max() <= 1.0 + LOAD_DRIFT_FLOOR):
+        low, high = float(candidate.min()), float(candidate.max())
+        result.update(ok=False, reason=f"outputs in [{low:.3g}, {high:.3g}], not [0, 1]")
+    return result
+
+
 def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
                     cache_dir: str | os.PathLike | None = None, check: bool = True,
                     int8_xml: str | os.PathLike | None = None) -> OpenVINORunner:
     """An `OpenVINORunner` for the Keras `model` (see `pipeline.inference.backends.make_runner`).
 
     Exports the IR into the cache on first use, chooses the precision, and checks agreement with
-    Keras once per precision (recorded in the manifest). `int8_xml`: the pair's INT8 IR of this
-    model (`pair_artifact.int8_irs`; validated when `pipeline.quantization` made it), used under
+    Keras once per precision (recorded in the manifest); an IR taken from the cache is probed
+    against Keras on every load (`probe_on_load`) and exported again, with a warning, when it
+    disagrees. `int8_xml`: the pair's INT8 IR of this model (`pair_artifact.int8_irs`; its files
+    checked against the pair's sums, validated when `pipeline.quantization` made it), used under
     `precision="auto"`. Raises BackendError when the export fails or the float IR disagrees with
     Keras beyond the tolerances of `pipeline.models.agreement`.
     """
     key = sha256 or model_fingerprint(model)
-    try:
-        entry, _ = cached_ir(model, key, cache_dir)
-    except Exception as exc:  # noqa: BLE001 - any converter failure means: this model cannot run here
-        raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
-                           f"{type(exc).__name__}: {exc}") from exc
+    entry, exported = _cached(model, key, cache_dir)
     if int8_xml is not None and precision == AUTO:
         # Checked where it was made, on real validation slices (`pipeline.quantization`); not on the
         # synthetic probe, which lies outside the calibration statistics (INT8 drifts more there).
-        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8")
+        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8", entry=entry)
     chosen = choose_precision(entry, model, precision)
+    runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
+    if check and not exported:  # `check=False` (benchmarks) skips the probe with the export check
+        probe = probe_on_load(runner, model, entry)
+        if not probe["ok"]:
+            log.warning("OpenVINO cache %s is not used: its IR disagrees with the Keras model on the "
+                        "load probe (%s); exporting the model again", entry.directory, probe)
+            entry.discard()
+            entry, _ = _cached(model, key, cache_dir)
+            chosen = choose_precision(entry, model, precision)
+            runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
     if check:
         result = _agreement(entry, model, chosen)
         if not result["ok"]:
             name = getattr(model, "name", "the model")
             raise BackendError(f"OpenVINO ({chosen}) disagrees with Keras on {name}: {result} "
                                f"(cache {entry.directory})")
-    return OpenVINORunner(entry.xml, chosen, entry.compiled_dir)
+    return runner
+
+
+def _cached(model: Any, key: str, cache_dir: str | os.PathLike | None) -> tuple[IREntry, bool]:
+    """`ir_cache.cached_ir`, any converter failure as BackendError."""
+    try:
+        return cached_ir(model, key, cache_dir)
+    except Exception as exc:  # noqa: BLE001 - any converter failure means: this model cannot run here
+        raise BackendError(f"cannot export {getattr(model, 'name', 'the model')} to OpenVINO IR: "
+                           f"{type(exc).__name__}: {exc}") from exc

@@ -54,9 +54,17 @@ Robustness:
 * resumable: after each batch its rows are appended to `.progress.jsonl` and fsynced; a
   re-run with the same models and settings skips the inputs recorded there (unless the file
   changed: size and modification time are recorded) and the final reports include them.
-  Changed settings, or `resume=False`, start the journal afresh. The journal is read
-  tolerantly: a damaged line (cut short, not JSON, not a row of this version) is skipped with
-  a warning and its input diagnosed again, a damaged header starts afresh;
+  The journal's header records the settings, the variant of each model and the model sums:
+  resuming with other ones is refused naming the difference (DataError); `resume=False`
+  starts the journal afresh. The journal is read tolerantly: a damaged line (cut short, not
+  JSON, not a row of this version) is skipped with a warning and its input diagnosed again, a
+  damaged header or an older journal version starts afresh;
+* one run per OUT: `.diagnose.lock` is flock'ed for the whole run (OutputInUseError for a second
+  one; the lock dies with its process); temporary files a killed run left are removed;
+* write failures (a full disk, a read-only folder) are not results: the row keeps its decision,
+  says its outputs were not written and is not journalled, so the next run retries it; a journal
+  that cannot be written stops the run; the reports are written for what is done, and
+  `exit_code` is 4 (`DiagnosisResult.write_errors` says what failed);
 * reports always get written: text that cannot be encoded (file names with non-UTF-8 bytes)
   is escaped (`\xff`), and terminal escape sequences are stripped from error messages;
 * OUT must be a folder that can be created and written, and no input may lie inside OUT

@@ -21,7 +21,7 @@ from pipeline.inference.diagnosis.schema import (
     REPORT_JSON,
 )
 from pipeline.inference.outputs import FLAGGED_EMPTY, TUMOUR
-from pipeline.io_utils import atomic_write, atomic_write_json
+from pipeline.io_utils import atomic_write_json, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,8 @@ def write_reports(
     """report.csv/json and patients.csv from the slice-file `rows` and the volume `studies`
     ((record, rows) each; their rows follow the slice files' in report.csv)."""
     all_rows = [*rows, *(r for _, srows in studies for r in srows)]
-    with atomic_write(out / REPORT_CSV, "w", encoding="utf-8", newline="") as fh:
-        _csv_rows(all_rows).to_csv(fh, index=False)
-    with atomic_write(out / PATIENTS_CSV, "w", encoding="utf-8", newline="") as fh:
-        _patients(rows, studies).to_csv(fh, index=False)
+    write_csv(out / REPORT_CSV, _csv_rows(all_rows))  # cells neutralised; report.json keeps them raw
+    write_csv(out / PATIENTS_CSV, _patients(rows, studies))
     atomic_write_json(
         out / REPORT_JSON,
         {

@@ -16,8 +16,13 @@ REPORT_CSV = "report.csv"
 REPORT_JSON = "report.json"
 PATIENTS_CSV = "patients.csv"
 JOURNAL = ".progress.jsonl"
+LOCK = ".diagnose.lock"  # flock'ed while a run writes into OUT (`pipeline.io_utils.exclusive_lock`)
 MASK_DIR, OVERLAY_DIR, GRADCAM_DIR, VOLUME_DIR = "masks", "overlays", "gradcam", "volumes"
-JOURNAL_VERSION = 3  # 2: the `slice` column and study records; 3: the `warning` column
+JOURNAL_VERSION = 3  # 2: the `slice` column and study records; 3: the `warning` column, and the header
+# records model sums and variants (a header that differs is refused, not silently started afresh)
+RETRY = "_retry"  # key of a row (and of its journal record) whose outputs could not be written
+# exit codes of a diagnosis (`diagnose` documents them)
+EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE, EXIT_OUT_IN_USE, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
 # the decision: what the pipeline found, not only what the classifier flagged
 FLAGGED = (TUMOUR, FLAGGED_EMPTY)
 
@@ -75,6 +80,7 @@ class DiagnosisResult:
     skipped_masks: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
     studies: list[dict[str, Any]] = field(default_factory=list)  # volume studies (STUDY_KEYS)
+    write_errors: list[str] = field(default_factory=list)  # outputs, journal or reports not written
 
     @property
     def n_failed(self) -> int:
@@ -92,8 +98,11 @@ class DiagnosisResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every input was diagnosed, 1 when any failed."""
-        return 1 if self.n_failed else 0
+        """EXIT_WRITE_FAILED (4) when an output, the journal or a report could not be written, else
+        EXIT_INPUT_FAILED (1) when any input failed, else EXIT_OK (0)."""
+        if self.write_errors:
+            return EXIT_WRITE_FAILED
+        return EXIT_INPUT_FAILED if self.n_failed else EXIT_OK
 PATIENT_COLUMNS = (
     "patient_id",
     "slices",
@@ -130,6 +139,15 @@ def error_row(path: Path, exc: BaseException) -> dict[str, Any]:
     else:
         message = f"{type(exc).__name__}: {exc}"
     row["error"] = text(message) or type(exc).__name__
+    return row
+
+
+def write_failed(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """`row` (its decision kept) whose outputs could not be written (`OutputWriteError`): the
+    output paths cleared, the error said, and marked `RETRY` so the journal leaves it to a re-run."""
+    row.update(dict.fromkeys(OUTPUT_COLUMNS))
+    row["error"] = text(f"outputs not written ({exc}); a re-run retries it")
+    row[RETRY] = True
     return row
 
 

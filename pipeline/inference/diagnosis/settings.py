@@ -52,7 +52,9 @@ def load_pipeline(
 
 
 def run_settings(pipeline: Any, models_label: str, volumes: bool, explain: bool) -> dict[str, Any]:
-    """The settings recorded in report.json and the journal's header (a change starts it afresh)."""
+    """The settings recorded in report.json and the journal's header (resuming with others is
+    refused, `Journal.load`): the pair, the operating point, which variant of each model ran
+    (`variants`, e.g. openvino-int8) and the model files' sums."""
     return {
         "models": models_label,
         **pipeline.point.to_json(),  # the operating point applied, whole
@@ -60,5 +62,7 @@ def run_settings(pipeline: Any, models_label: str, volumes: bool, explain: bool)
         "tile_size": int(pipeline.tile_size),
         "explain": bool(explain),
         "backend": str(pipeline.backend_name),
+        "variants": dict(getattr(pipeline, "variants", None) or {}),
+        "model_sha256": dict(getattr(pipeline, "model_sha256", None) or {}),
         "volume_domain": "axial PLS, 256x256 padded, uint8 as stored else min..max per channel",
     }

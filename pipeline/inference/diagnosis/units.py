@@ -12,11 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OutputWriteError
 from pipeline.inference.diagnosis.journal import slice_records, study_record
 from pipeline.inference.diagnosis.outputs import write_slice_outputs
 from pipeline.inference.diagnosis.planning import SLICE_STUDY, STUDY, StudyInput, WorkUnit
-from pipeline.inference.diagnosis.schema import FLAGGED, STUDY_KEYS, VOLUME_DIR, error_row, result_row
+from pipeline.inference.diagnosis.schema import (
+    FLAGGED,
+    RETRY,
+    STUDY_KEYS,
+    VOLUME_DIR,
+    error_row,
+    result_row,
+    write_failed,
+)
 from pipeline.inference.image_loading import load_slice
 from pipeline.inference.outputs import OutputWriter, output_names, text
 
@@ -107,6 +115,8 @@ def finish_unit(
                 if write_slice_outputs(writer, names[path], row, image, result, pipeline,
                                        explain and not impossible):
                     impossible = True
+            except OutputWriteError as exc:  # full disk, read-only folder: OUT's problem, retried
+                row = write_failed(row, exc)
             except Exception as exc:  # noqa: BLE001 - e.g. a symlink in OUT: this input's row
                 row = error_row(path, exc)
         batch_rows[path] = row
@@ -133,6 +143,8 @@ def _study_rows(study: StudyInput, name: str, slices: list[np.ndarray], grid: An
                 if write_slice_outputs(ctx.writer, f"{name}_s{index}", row, image, result, ctx.pipeline,
                                        ctx.explaining and not explain_failed):
                     explain_failed = True
+            except OutputWriteError as exc:  # retried by the next run
+                row = write_failed(row, exc)
             except Exception as exc:  # noqa: BLE001 - this slice's row
                 row = error_row(study.path, exc)
                 row.update(slice=index, patient_id=patient)
@@ -201,6 +213,8 @@ def diagnose_study(study: StudyInput, ctx: UnitContext) -> tuple[dict[str, Any],
         row = error_row(study.path, exc)
         row["patient_id"] = record["study_id"]
         record["error"] = row["error"]
+        if isinstance(exc, OutputWriteError):  # its mask NIfTI: OUT's problem, retried
+            row[RETRY] = True
         return record, [row], False
 
 
@@ -222,12 +236,17 @@ def run_unit(unit: WorkUnit, ctx: UnitContext) -> list[dict[str, Any]]:
     return slice_records(unit.paths, rows)
 
 
+def failed_study(study: StudyInput, exc: BaseException) -> dict[str, Any]:
+    """The journal record of a volume study that could not be diagnosed at all: one error row."""
+    record: dict[str, Any] = dict.fromkeys(STUDY_KEYS)
+    row = error_row(study.path, exc)
+    row["patient_id"] = record["study_id"] = study_patient(study.name())
+    record.update(source=text(str(study.path)), error=row["error"])
+    return study_record(study, record, [row])
+
+
 def failed_unit(unit: WorkUnit, exc: BaseException) -> list[dict[str, Any]]:
     """The journal records of a unit that failed as a whole (e.g. its worker died): error rows."""
     if unit.kind == STUDY:
-        record: dict[str, Any] = dict.fromkeys(STUDY_KEYS)
-        row = error_row(unit.study.path, exc)
-        row["patient_id"] = record["study_id"] = study_patient(unit.study.name())
-        record.update(source=text(str(unit.study.path)), error=row["error"])
-        return [study_record(unit.study, record, [row])]
+        return [failed_study(unit.study, exc)]
     return slice_records(unit.paths, {p: error_row(p, exc) for p in unit.paths})
