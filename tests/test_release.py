@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import shutil
 import subprocess
 import zipfile
@@ -389,3 +390,17 @@ def test_saved_and_released_pairs_record_no_absolute_machine_paths(tmp_path):
     text = (Path(out) / META_FILE).read_text()
     assert str(tmp_path) not in text and str(PROJECT_ROOT) not in text
 
+
+
+def test_a_final_model_is_released_with_the_split_its_folds_came_from(tmp_path):
+    from pipeline.models.release import release_split
+
+    base = tmp_path / "splits.csv"
+    fold_run, final_run = tmp_path / "fold1", tmp_path / "final"
+    for run, fold in ((fold_run, 1), (final_run, "all")):
+        run.mkdir()
+        (run / "splits.csv").write_text("patient_id,split\n", encoding="utf-8")
+        record = {"config": {"data": {"fold": fold, "splits": str(base)}}}
+        (run / "pipeline.json").write_text(json.dumps(record), encoding="utf-8")
+    assert release_split(fold_run) == fold_run / "splits.csv"  # a fold run releases what it used
+    assert release_split(final_run) == base  # the final model keeps the project's split of record

@@ -55,6 +55,7 @@ from pipeline.models.pair_artifact import (
     SEGMENTER_FILE,
     SUMS_FILE,
     read_pair_meta,
+    read_pair_record,
     read_sums,
     write_pair_meta,
     write_sums,
@@ -305,6 +306,19 @@ def _existing_release(out_dir: Path) -> list[Path]:
     return [out_dir / n for n in (*MODEL_FILES, META_FILE, SUMS_FILE) if (out_dir / n).exists()]
 
 
+def release_split(run_dir: Path) -> Path:
+    """The split file released with a run's pair: the run's own (`splits.csv`), except for a final
+    model retrained on every fold (``data.fold: all``), which keeps the split its folds were dealt
+    from (`data.splits`, normally `models/splits.csv`), so the project's train / validation / test
+    split of record survives the release (the pair's `data` record says what the segmenter saw)."""
+    record = read_pair_record(run_dir) if (run_dir / META_FILE).is_file() else {}
+    data = (record.get("config") or {}).get("data") or {}
+    if data.get("fold") == "all" and data.get("splits"):
+        base = Path(data["splits"]).expanduser()
+        return base if base.is_absolute() else PROJECT_ROOT / base
+    return run_dir / SPLITS_FILE
+
+
 def _check_export_arguments(dtypes: dict[str, str], probe_images: np.ndarray | None, run_dir: Path,
                             out_dir: Path, force: bool) -> np.ndarray | None:
     """The checks `export_release` makes before touching anything; returns `probe_images` as an array."""
@@ -317,7 +331,7 @@ def _check_export_arguments(dtypes: dict[str, str], probe_images: np.ndarray | N
             raise ValueError(f"probe_images must be (N, H, W, 3), got shape {probe_images.shape}")
     if run_dir == out_dir:
         raise ValueError(f"the release directory must differ from the run directory: {run_dir}")
-    splits_src = run_dir / SPLITS_FILE
+    splits_src = release_split(run_dir)
     if not splits_src.is_file():
         raise DataError("the run has no split file to release with the models", files=[splits_src])
     existing = _existing_release(out_dir)
@@ -416,7 +430,7 @@ def export_release(
     dtypes = {CLASSIFIER_FILE: weights_dtype, SEGMENTER_FILE: segmenter_weights_dtype or weights_dtype}
     run_dir, out_dir = Path(run_dir).absolute(), Path(out_dir).absolute()
     probe_images = _check_export_arguments(dtypes, probe_images, run_dir, out_dir, force)
-    splits_src = run_dir / SPLITS_FILE
+    splits_src = release_split(run_dir)
 
     source = load_pair(run_dir)  # verifies the run's files against their recorded sha256
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def fit_phase(
     result = PhaseResult(name, len(rows), best, (time.monotonic() - started_at) / 60, stopped_by,
                          {"monitor": monitor, "planned_epochs": epochs})
     log.info("%s: done after %d epoch(s), best %s=%s, %.1f min, stopped by %s",
-             label, len(rows), monitor, _fmt(best), result.minutes, stopped_by)
+             label, len(rows), monitor or "(nothing validates)", _fmt(best), result.minutes, stopped_by)
     return result
 
 

@@ -148,6 +148,9 @@ def train_run(
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    if config.data.fold == "all" and stage != "segmenter":
+        raise ConfigError("data.fold 'all' trains the segmenter only (--stage segmenter): the "
+                          "classifier's selection and early stopping need validation patients")
     run_dir = Path(run_dir).absolute()
     # multi_worker: the strategy comes before any other TensorFlow call (collective ops)
     strategy = get_strategy(config.training.strategy)
@@ -177,9 +180,6 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
         data = prepare_data(config.data)
         copy_splits(data, run_dir)
 
-        if config.data.fold == "all" and stage != "segmenter":
-            raise ConfigError("data.fold 'all' trains the segmenter only (--stage segmenter): the "
-                              "classifier's selection and early stopping need validation patients")
         results: dict[str, StageResult] = {}
         cls_dir, seg_dir = run_dir / "classifier", run_dir / "segmenter"
         if stage in ("classifier", "all") or _stage_done(cls_dir, ("head", "finetune")):
