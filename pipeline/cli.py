@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Evaluate a trained pair of models and write a report."),
     "compare": ("compare", "Paired per-patient comparison of two evaluation folders."),
     "cv": ("cv", "Pooled out-of-fold results of cross-validated variants, paired against a baseline."),
+    "ensemble": ("ensemble", "One pair whose segmenter averages the segmenters of several runs."),
     "diagnose": ("diagnose", "Run the two-stage pipeline on MRI slices and volume studies (NIfTI, DICOM)."),
     "notebook": ("notebook", "Execute the exploration notebook on a data root, keeping its outputs."),
     "release": (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
@@ -67,3 +69,23 @@ def test_an_ensemble_pair_gives_the_mean_of_its_members_on_each_backend(ensemble
     np.testing.assert_allclose(maps, _member_mean(members, images), atol=1e-4 if backend == "keras" else 1e-2)
     # the pair's sums cover the ensemble file: the members travel inside segmenter.keras
     assert len(ensemble_members(model_io.load_pair(ensemble_pair).segmenter)) == 2
+
+
+def test_the_ensemble_command_averages_runs_and_keeps_the_first_runs_classifier_and_split(
+        tiny_pair, images, tmp_path):
+    from pipeline.cli import main
+    from pipeline.models.pair_artifact import read_pair_record
+
+    first = tmp_path / "fold0"
+    shutil.copytree(tiny_pair, first)
+    (first / "config.yaml").write_text("data: {fold: 0, folds: 3}\n", encoding="utf-8")
+    assert main(["ensemble", str(first), "--out", str(tmp_path / "one")]) == 2
+    assert main(["ensemble", str(first), str(tiny_pair), "--out", str(tmp_path / "ens")]) == 0
+    pair = model_io.load_pair(tmp_path / "ens")  # the sums cover the new files
+    members = ensemble_members(pair.segmenter)
+    assert len(members) == 2
+    source = read_pair_record(tiny_pair)["sha256"]
+    assert pair.meta["ensemble"]["member_sha256"] == [source["segmenter.keras"]] * 2
+    assert (tmp_path / "ens" / "config.yaml").read_text(encoding="utf-8") == "data: {fold: 0, folds: 3}\n"
+    x = np.stack(images).astype("float32")  # two copies of one segmenter: the mean is that segmenter
+    np.testing.assert_allclose(np.asarray(pair.segmenter(x)), np.asarray(members[0](x)), atol=1e-5)
