@@ -16,7 +16,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `ensemble`."""
-    parser.add_argument("runs", nargs="+", type=Path, help="run (or pair) folders whose segmenters are averaged")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run (or pair) folders whose segmenters are averaged")
     parser.add_argument("--out", type=Path, required=True, help="folder the ensemble pair is written into")
 
 
