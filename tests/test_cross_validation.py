@@ -126,6 +126,8 @@ def test_pooled_out_of_fold_results_concatenate_folds_and_weight_the_epoch_curve
     assert curve["pooled"].iloc[0] == pytest.approx((3 * 0.5 + 1 * 0.1) / 4)
     assert curve["pooled"].iloc[1] == pytest.approx((3 * 0.7 + 1 * 0.9) / 4)
     assert np.isnan(curve["pooled"].iloc[2])  # fold 1 stopped after 2 epochs
+    (variant / "fold1" / "segmenter" / "history.csv").unlink()  # e.g. an ensemble of trained runs
+    assert epoch_curve(variant).empty
 
 
 def test_a_patient_in_two_folds_or_a_fold_without_evaluation_is_refused(tmp_path):

@@ -83,10 +83,13 @@ def epoch_curve(variant: str | os.PathLike, monitor: str = "val_patient_dice") -
     """Per epoch (1-based) each fold's `monitor` and their mean weighted by the fold's validation patients.
 
     Only epochs that every fold reached are pooled (``pooled`` is NaN after the shortest fold).
+    A variant whose folds were not trained (an ensemble of trained runs) has no curve: an empty table.
     """
     columns = {}
     weights = {}
     for k, fold in enumerate(fold_dirs(variant)):
+        if not (fold / "segmenter" / "history.csv").is_file():
+            return pd.DataFrame(columns=["epoch", "pooled"])
         history = pd.read_csv(fold / "segmenter" / "history.csv")
         columns[f"fold{k}"] = history[monitor].to_numpy(float)
         splits = load_splits(fold / SPLITS_FILE)
