@@ -26,6 +26,7 @@ RUNS_DIR = PROJECT_ROOT / "runs"
 MODELS_DIR = PROJECT_ROOT / "models"
 PAIR_META_FILE = "pipeline.json"  # a pair's metadata, written last: marks a complete pair
 SPLITS_FILE = "splits.csv"  # the patient split's file name in models/, in a run and in a pair
+RUN_CONFIG_FILE = "config.yaml"  # a training run's resolved config (written by the runner)
 LATEST_FILE = "LATEST"  # runs/LATEST: a text file naming the newest run (written by make train)
 LATEST_LINK = "latest"  # runs/latest: the symlink to it, where symlinks work
 DEFAULT_PAIR_RULE = (

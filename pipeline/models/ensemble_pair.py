@@ -15,10 +15,9 @@ from pathlib import Path
 from pipeline.data.splits import SPLITS_FILE
 from pipeline.models.ensemble import build_ensemble
 from pipeline.models.model_io import load_pair, save_pair
+from pipeline.paths import RUN_CONFIG_FILE
 
-__all__ = ["CONFIG_FILE", "save_ensemble_pair"]
-
-CONFIG_FILE = "config.yaml"  # a training run's resolved config (pipeline.training.runner)
+__all__ = ["save_ensemble_pair"]
 
 
 def save_ensemble_pair(runs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
@@ -36,7 +35,7 @@ def save_ensemble_pair(runs: Sequence[str | os.PathLike], out_dir: str | os.Path
     meta["ensemble"] = {"members": [str(run) for run in runs],
                         "member_sha256": [p.meta["sha256"]["segmenter.keras"] for p in pairs]}
     save_pair(out_dir, pairs[0].classifier, build_ensemble([p.segmenter for p in pairs]), meta)
-    for name in (SPLITS_FILE, CONFIG_FILE):
+    for name in (SPLITS_FILE, RUN_CONFIG_FILE):
         if (first / name).is_file():
             shutil.copyfile(first / name, out_dir / name)
     return out_dir

@@ -60,7 +60,7 @@ from pipeline.models.pair_artifact import (
     write_pair_meta,
     write_sums,
 )
-from pipeline.paths import MODELS_DIR, PROJECT_ROOT
+from pipeline.paths import MODELS_DIR, PROJECT_ROOT, from_project
 
 DEFAULT_RELEASE_DIR = MODELS_DIR
 WEIGHTS_DTYPES = ("float16", "float32")
@@ -314,8 +314,7 @@ def release_split(run_dir: Path) -> Path:
     record = read_pair_record(run_dir) if (run_dir / META_FILE).is_file() else {}
     data = (record.get("config") or {}).get("data") or {}
     if data.get("fold") == "all" and data.get("splits"):
-        base = Path(data["splits"]).expanduser()
-        return base if base.is_absolute() else PROJECT_ROOT / base
+        return from_project(data["splits"])
     return run_dir / SPLITS_FILE
 
 

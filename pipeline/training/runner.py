@@ -35,6 +35,7 @@ from pipeline.models.precision import apply_policy, resolve_policy
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     LATEST_FILE,
     LATEST_LINK,
+    RUN_CONFIG_FILE,
     latest_run,
     resolve_cache_dir,
     resolve_data_dir,
@@ -165,7 +166,7 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
     started = time.monotonic()
     with _log_to(run_dir / "train.log"):
         config = resolve_paths(config)
-        dump_config(config, run_dir / "config.yaml")
+        dump_config(config, run_dir / RUN_CONFIG_FILE)
         if is_chief():
             mark_latest(run_dir, runs_root(config).absolute())
         log.info("run directory: %s", run_dir)
