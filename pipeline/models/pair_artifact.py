@@ -12,7 +12,9 @@ last (so it marks a complete pair). `PairArtifact` is that file, parsed once and
     sha256                 {file name: hex sha256} of at least both model files (a release also
                            lists `splits.csv`)
     extra                  every other key (`format`, `created`, `versions`, `validation`, `data`,
-                           `config`, `release`, `durations_minutes`, `calibration`, ...), kept as written
+                           `config`, `release`, `durations_minutes`, `calibration`, `variants`, ...),
+                           kept as written; `variants` (which OpenVINO variants agree with Keras on
+                           which CPU class, `pipeline.models.variant_record`) validated too
 
 Required: the operating point's required fields, `tile_size`, `sha256`; a missing or
 out-of-range value is a DataError naming the key and the file, never a silent default. Older
@@ -54,6 +56,7 @@ from typing import Any
 
 from pipeline.errors import DataError
 from pipeline.io_utils import atomic_write, atomic_write_json, sha256_of
+from pipeline.models.variant_record import VARIANTS_KEY, check_variants, merge_variants
 from pipeline.paths import PAIR_META_FILE, project_relative
 from pipeline.postprocessing import OperatingPoint, check_number
 
@@ -76,6 +79,7 @@ __all__ = [
     "portable_paths",
     "read_pair_meta",
     "read_pair_record",
+    "record_variants",
     "write_pair_meta",
 ]
 
@@ -166,6 +170,11 @@ class PairArtifact:
                 f"'segmenter_tile_size' ({legacy_tile}) disagree",
                 files,
             )
+        if record.get(VARIANTS_KEY) is not None:
+            try:
+                check_variants(record[VARIANTS_KEY])
+            except ValueError as exc:
+                raise _invalid(exc, source) from exc
         policy = record.get("policy")
         if policy is not None and not isinstance(policy, str):
             raise DataError(f"invalid model pair metadata: 'policy' must be a string, got {policy!r}", files)
@@ -372,4 +381,22 @@ def write_pair_meta(directory: str | os.PathLike, record: Mapping[str, Any]) -> 
     atomic_write_json(path, artifact.to_dict())
     others = [n for n in artifact.sha256 if n not in MODEL_FILES and (directory / n).is_file()]
     write_sums(directory, [*MODEL_FILES, *others, META_FILE])
+    return artifact
+
+
+def record_variants(directory: str | os.PathLike,
+                    results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> PairArtifact:
+    """File `results` ({role: {variant: result}}, `variant_record.merge_variants`) into the
+    `variants` record of the pair in `directory` and write it back with `write_pair_meta`; the
+    pair's `SHA256SUMS` keeps every file it listed, in its order, `pipeline.json` with its new
+    sum last, so a release stays verifiable (`release.verify_release`). Returns the artifact."""
+    directory = Path(directory)
+    record = read_pair_record(directory)
+    record[VARIANTS_KEY] = merge_variants(record.get(VARIANTS_KEY), results)
+    listed = list(read_sums(directory / SUMS_FILE)) if (directory / SUMS_FILE).is_file() else []
+    artifact = write_pair_meta(directory, record)
+    if listed:
+        names = [n for n in listed if n != META_FILE and (directory / n).is_file()]
+        names += [n for n in read_sums(directory / SUMS_FILE) if n not in names and n != META_FILE]
+        write_sums(directory, [*names, META_FILE])
     return artifact

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import keras
 
+from pipeline.models.variant_record import CPU_CLASS_FLAGS, CPU_CLASSES
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -28,6 +30,7 @@ VALID_NAMES = (AUTO, *POLICIES)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)  # where `auto` picks mixed_bfloat16 (module docstring)
 CPUINFO = Path("/proc/cpuinfo")
+
 
 
 def gpu_available() -> bool:
@@ -49,6 +52,18 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
         if key.strip() == "flags":
             flags.update(value.split())
     return flags
+
+
+def cpu_class(flags: set[str] | None = None) -> str:
+    """The CPU's capability class for the pair's variant record (`pipeline.models.variant_record`):
+    `amx`, `avx512_bf16`, `vnni`, `avx2` or `baseline`, the first whose flag `flags` (default
+    `cpu_flags()`) lists. Variants that pass on one class are trusted on every CPU of that class:
+    the class decides which kernels (and so which roundings) OpenVINO runs."""
+    flags = cpu_flags() if flags is None else set(flags)
+    for name, needed in CPU_CLASS_FLAGS:
+        if flags & needed:
+            return name
+    return CPU_CLASSES[-1]
 
 
 def cpu_supports_bfloat16(cpuinfo: Path = CPUINFO) -> bool:

@@ -1,0 +1,136 @@
+"""Which variants of a pair's models give Keras' answers, on which CPU class: the `variants` record.
+
+A variant is one model run one way on the OpenVINO backend: `f32`, `bf16` (the precision hints)
+or `int8` (the pair's INT8 IR, `pair_artifact.int8_irs`). `python -m pipeline variants`
+(`pipeline.inference.backends.variant_check`) runs each against Keras on real validation slices
+and stores the outcome in the pair's `pipeline.json`:
+
+    "variants": {role: {cpu class: {variant: {
+        "ok": bool, "kind": "probability" | "map", "max_abs_diff": float,
+        "mask_agreement": float (maps), "n_slices": int, "cpu": the class again,
+        "files_sha256": {pair file: sum} the variant ran (`.keras`, and the INT8 files for int8),
+        ... (gate_flips, threshold, openvino, checked: kept as written)}}}}
+
+role: `classifier` or `segmenter`; cpu class: `CPU_CLASSES` (`pipeline.models.precision.cpu_class`);
+`ok` applies the tolerances of `pipeline.models.agreement`. A record counts only while every sum in
+its `files_sha256` is the pair's (`applicable`): a retrained model or a new INT8 file is unchecked
+again. `check_variants` validates the record (`PairArtifact.from_dict` calls it, so a malformed
+record is a DataError naming `pipeline.json`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "CPU_CLASSES",
+    "CPU_CLASS_FLAGS",
+    "VARIANTS",
+    "VARIANTS_KEY",
+    "applicable",
+    "check_variants",
+    "failure",
+    "merge_variants",
+]
+
+VARIANTS_KEY = "variants"
+VARIANTS = ("f32", "bf16", "int8")
+ROLES = ("classifier", "segmenter")
+KINDS = ("probability", "map")
+# (class, any of these /proc/cpuinfo flags), best first (`precision.cpu_class`); the last needs none
+CPU_CLASS_FLAGS = (
+    ("amx", frozenset({"amx_bf16"})),
+    ("avx512_bf16", frozenset({"avx512_bf16"})),
+    ("vnni", frozenset({"avx512_vnni", "avx_vnni"})),
+    ("avx2", frozenset({"avx2"})),
+)
+CPU_CLASSES = (*(name for name, _ in CPU_CLASS_FLAGS), "baseline")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _number(where: str, value: Any, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{where} must be in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+
+
+def _check_result(where: str, result: Any, cpu: str) -> None:
+    if not isinstance(result, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(result).__name__}")
+    if not isinstance(result.get("ok"), bool):
+        raise ValueError(f"{where}.ok must be true or false, got {result.get('ok')!r}")
+    if result.get("kind") not in KINDS:
+        raise ValueError(f"{where}.kind must be one of {', '.join(KINDS)}, got {result.get('kind')!r}")
+    _number(f"{where}.max_abs_diff", result.get("max_abs_diff"), 0.0)
+    if result["kind"] == "map":
+        _number(f"{where}.mask_agreement", result.get("mask_agreement"), 0.0, 1.0)
+    n = result.get("n_slices")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}.n_slices must be an integer >= 1, got {n!r}")
+    if result.get("cpu") != cpu:
+        raise ValueError(f"{where}.cpu is {result.get('cpu')!r}, but the record is filed under {cpu!r}")
+    sums = result.get("files_sha256")
+    if not isinstance(sums, Mapping) or not sums or not all(
+            isinstance(k, str) and isinstance(v, str) and _HEX64.match(v) for k, v in sums.items()):
+        raise ValueError(f"{where}.files_sha256 must map the pair's file names to 64-digit hex sums")
+
+
+def check_variants(value: Any) -> dict[str, Any]:
+    """Validate a `variants` record (module docstring) -> it, as a dict; ValueError naming the key."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"'{VARIANTS_KEY}' must be an object, got {type(value).__name__}")
+    for role, by_cpu in value.items():
+        if role not in ROLES:
+            raise ValueError(f"'{VARIANTS_KEY}' has an unknown role {role!r}; valid: {', '.join(ROLES)}")
+        if not isinstance(by_cpu, Mapping):
+            raise ValueError(f"{VARIANTS_KEY}.{role} must be an object")
+        for cpu, by_variant in by_cpu.items():
+            if cpu not in CPU_CLASSES:
+                raise ValueError(f"{VARIANTS_KEY}.{role} has an unknown CPU class {cpu!r}; "
+                                 f"valid: {', '.join(CPU_CLASSES)}")
+            if not isinstance(by_variant, Mapping):
+                raise ValueError(f"{VARIANTS_KEY}.{role}.{cpu} must be an object")
+            for variant, result in by_variant.items():
+                if variant not in VARIANTS:
+                    raise ValueError(f"{VARIANTS_KEY}.{role}.{cpu} has an unknown variant {variant!r}; "
+                                     f"valid: {', '.join(VARIANTS)}")
+                _check_result(f"{VARIANTS_KEY}.{role}.{cpu}.{variant}", result, cpu)
+    return {role: {cpu: dict(v) for cpu, v in by_cpu.items()} for role, by_cpu in value.items()}
+
+
+def applicable(variants: Mapping[str, Any] | None, role: str, cpu: str,
+               sha256: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """{variant: result} recorded for `role` on the CPU class `cpu` whose `files_sha256` are all
+    in the pair's `sha256` map (records of other files are stale: left out). {} when none."""
+    by_variant = ((variants or {}).get(role) or {}).get(cpu) or {}
+    return {variant: dict(result) for variant, result in by_variant.items()
+            if all(sha256.get(name) == digest for name, digest in result["files_sha256"].items())}
+
+
+def merge_variants(variants: Mapping[str, Any] | None,
+                   results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """`variants` with `results` ({role: {variant: result}}, each result naming its `cpu`) filed in:
+    a role's results replace that role's record on their CPU class; other classes are kept."""
+    merged = {role: {cpu: dict(v) for cpu, v in by_cpu.items()} for role, by_cpu in (variants or {}).items()}
+    for role, by_variant in results.items():
+        for cpu in {result["cpu"] for result in by_variant.values()}:
+            merged.setdefault(role, {})[cpu] = {v: dict(r) for v, r in by_variant.items() if r["cpu"] == cpu}
+    return check_variants(merged)
+
+
+def failure(result: Mapping[str, Any]) -> str:
+    """What a failed `result` missed and by how much, for messages ('' when it passed)."""
+    from pipeline.models.agreement import MASK_AGREEMENT, PROBABILITY_TOL
+
+    if result.get("ok"):
+        return ""
+    n = result.get("n_slices")
+    if result.get("kind") == "map":
+        return (f"its masks agree with Keras on {100 * result['mask_agreement']:.2f} % of the pixels of "
+                f"{n} slices, below {100 * MASK_AGREEMENT:.1f} %")
+    return (f"its probabilities differ from Keras by up to {result['max_abs_diff']:.4g} on {n} slices, "
+            f"beyond {PROBABILITY_TOL:g}")
