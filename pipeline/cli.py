@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quantize",
         "Optional INT8 copies of a pair's models for OpenVINO (NNCF, checked on validation).",
     ),
+    "variants": (
+        "variants",
+        "Check which OpenVINO variants (f32, bf16, INT8) give Keras' answers on this CPU; record them.",
+    ),
     "bench": ("bench", "Measure throughput: each stage per dtype policy, or the pipeline per backend."),
 }
 

@@ -9,7 +9,9 @@ process; the numbers are read from its report). A variant is kept only when the 
 end-to-end Dice drops by at most `MAX_DROP`, the classifier's probabilities stay within the
 backend tolerance of float32 (`agreement.PROBABILITY_TOL`, so the gate decides as Keras does)
 and the segmenter's masks agree on >= `agreement.MASK_AGREEMENT` of the validation pixels
-(`decide`); otherwise nothing is written.
+(`decide`); otherwise nothing is written. When files are written, the pair's variant record is
+checked again on this CPU (`pipeline.inference.backends.variant_check`), so `auto` runs the new
+INT8 IR only where it passed.
 NNCF is needed only to make the files (`requirements-int8.txt`), not to run them.
 """
 
@@ -267,7 +269,12 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
                              "max_probability_diff": float(np.max(np.abs(probs - base_probs))),
                              "segmenter_mask_agreement": masks if "segmenter" in roles else 1.0}
     decision = decide(measured, max_drop)
+    report = {"measured": measured, "kept": decision, "max_drop": max_drop, "work_dir": str(work)}
     if decision and write:
+        from pipeline.inference.backends.variant_check import check_pair_variants
+
         _write_decision(pair_dir, meta, {r: {**files[r], "validation": measured[decision]}
                                          for r in VARIANTS[decision]})
-    return {"measured": measured, "kept": decision, "max_drop": max_drop, "work_dir": str(work)}
+        # the pair now ships other INT8 files: record which variants pass on this CPU class
+        report["variants"] = check_pair_variants(pair_dir, data_dir=data_dir, cache_dir=cache_dir)
+    return report

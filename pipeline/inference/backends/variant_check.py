@@ -1,0 +1,156 @@
+"""Which OpenVINO variants of a pair's models give Keras' answers on real slices, on this CPU.
+
+`check_pair_variants` runs each model of a pair (classifier, segmenter) as each variant this
+machine has - `f32`, `bf16` where the CPU runs bfloat16 natively, `int8` where the pair ships an
+INT8 IR that belongs to the model file (`pair_artifact.int8_irs`) - and Keras on the same slices:
+the release's deterministic probe (`synthetic_slices.probe_batch`) and the pair's validation
+patients (its `splits.csv`, read through the index and array caches as `pipeline.quantization`
+does). A variant passes with the tolerances of `pipeline.models.agreement` (probabilities within
+`PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels); for the classifier the
+result also counts the gate decisions that differ at the pair's threshold (`gate_flips`; the
+probability tolerance lets only slices within it of the threshold flip,
+`gate_flips_beyond_tolerance` counts the others and must be 0). The results are filed in the
+pair's `pipeline.json` under this CPU's class (`pair_artifact.record_variants`), where `auto`
+reads them (`openvino_runner.choose_variant`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.models.agreement import PROBABILITY_TOL, agreement
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_pair_variants", "gate_flips", "validation_slices", "variant_result"]
+
+CHECK_BATCH = 16
+PROBE_SLICES = 8  # `probe_batch` slices in front of the validation slices
+
+
+def validation_slices(splits: str | os.PathLike, data_dir: Any = None, cache_dir: Any = None,
+                      max_slices: int | None = None) -> np.ndarray:
+    """float32 (N, H, W, 3): `probe_batch` (PROBE_SLICES slices at the data's size), then the
+    validation patients' slices of `splits` (every one, or `max_slices` evenly spaced).
+    DataError when the split file or the data root does not serve them."""
+    from pipeline.data.array_cache import load_arrays
+    from pipeline.data.index import index_dataset
+    from pipeline.data.splits import select_positions
+    from pipeline.data.synthetic_slices import probe_batch
+    from pipeline.paths import resolve_cache_dir, resolve_data_dir
+
+    cache = resolve_cache_dir(cache_dir)
+    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
+    images = load_arrays(index_df, cache, progress=False).images
+    positions = select_positions(index_df, "val", splits)
+    if max_slices is not None and len(positions) > max_slices:
+        positions = positions[np.linspace(0, len(positions) - 1, max_slices).round().astype(int)]
+    probe = probe_batch(PROBE_SLICES, int(images.shape[1]))[:, :, : images.shape[2]]
+    return np.concatenate([probe, np.asarray(images[positions])]).astype(np.float32)
+
+
+def _predict(predict: Any, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(predict(x[i : i + CHECK_BATCH]), np.float32)
+                           for i in range(0, len(x), CHECK_BATCH)])
+
+
+def gate_flips(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict[str, int]:
+    """Gate decisions (probability >= `threshold`) that differ between two classifier outputs:
+    {"gate_flips", "gate_flips_beyond_tolerance"} (the latter: where Keras' probability is more
+    than PROBABILITY_TOL from the threshold, which a passing variant cannot flip)."""
+    reference, candidate = np.ravel(reference), np.ravel(candidate)
+    flips = (reference >= threshold) != (candidate >= threshold)
+    far = np.abs(reference - threshold) > PROBABILITY_TOL
+    return {"gate_flips": int(flips.sum()), "gate_flips_beyond_tolerance": int((flips & far).sum())}
+
+
+def variant_result(reference: np.ndarray, candidate: np.ndarray, cpu: str, files_sha256: dict[str, str],
+                   threshold: float | None = None) -> dict[str, Any]:
+    """The record of one variant (`pipeline.models.variant_record`): `agreement` of its outputs
+    with Keras', the slices, the CPU class, the files it ran, and for a classifier (`threshold`
+    given) `gate_flips`."""
+    result = agreement(reference, candidate)
+    result.update(n_slices=int(len(reference)), cpu=cpu, files_sha256=dict(files_sha256))
+    if threshold is not None:
+        result.update(threshold=float(threshold), **gate_flips(reference, candidate, threshold))
+    return result
+
+
+def _runners(role: str, model: Any, sums: dict[str, str], int8: dict[str, Path], meta: dict[str, Any],
+             cache_dir: Any) -> dict[str, tuple[Any, dict[str, str]]]:
+    """{variant: (runner, files_sha256)} of `model` on this machine."""
+    from pipeline.inference.backends.openvino_runner import OpenVINORunner, _cached, native_bf16
+    from pipeline.models.pair_artifact import INT8_KEY, MODEL_ROLES
+
+    name = MODEL_ROLES[role]
+    entry, _ = _cached(model, sums[name], cache_dir)
+    files = {name: sums[name]}
+    runners = {"f32": (OpenVINORunner(entry.xml, "f32", entry.compiled_dir, entry=entry), files)}
+    if native_bf16():
+        runners["bf16"] = (OpenVINORunner(entry.xml, "bf16", entry.compiled_dir, entry=entry), files)
+    if role in int8:
+        shipped = meta[INT8_KEY][role]
+        runners["int8"] = (OpenVINORunner(int8[role], "f32", entry.compiled_dir, label="int8", entry=entry),
+                           {**files, **{shipped[k]: sums[shipped[k]] for k in ("xml", "bin")}})
+    return runners
+
+
+def _check_model(role: str, model: Any, x: np.ndarray, runners: dict[str, Any], cpu: str,
+                 threshold: float | None) -> dict[str, dict[str, Any]]:
+    """{variant: result} of one model (`variant_result` against Keras on `x`)."""
+    import openvino
+
+    reference = _predict(model.predict_on_batch, x)
+    checked = datetime.now(UTC).isoformat(timespec="seconds")
+    results = {}
+    for variant, (runner, files) in runners.items():
+        result = variant_result(reference, _predict(runner.predict_on_batch, x), cpu, files, threshold)
+        result.update(openvino=openvino.__version__, checked=checked,
+                      slices=f"probe_batch({PROBE_SLICES}) + {len(x) - PROBE_SLICES} validation slices")
+        results[variant] = result
+        log.info("%s %s on %s: %s", role, variant, cpu, result)
+    return results
+
+
+def check_pair_variants(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_dir: Any = None,
+                        openvino_cache: Any = None, max_slices: int | None = None,
+                        write: bool = True) -> dict[str, Any]:
+    """Check every variant of both models of the pair in `pair_dir` on this CPU (module docstring)
+    and, with `write`, file the results in its `pipeline.json` (`pair_artifact.record_variants`).
+
+    `data_dir`, `cache_dir`: the data root and its index/array cache; `openvino_cache`: the IR
+    cache root; `max_slices`: validation slices to use (default every one). Returns {"cpu",
+    "results": {role: {variant: result}}, "written"}. DataError when the pair, its split file or
+    the data cannot be read.
+    """
+    from pipeline.data.splits import pair_splits_file
+    from pipeline.models.model_io import load_pair
+    from pipeline.models.pair_artifact import int8_irs, model_sums, record_variants
+    from pipeline.models.precision import cpu_class
+    from pipeline.paths import SPLITS_FILE, PairSource
+
+    pair_dir = Path(pair_dir)
+    pair = load_pair(pair_dir)
+    meta = dict(pair.meta)
+    splits = pair_splits_file(None, PairSource(pair_dir))
+    if splits is None:
+        raise DataError(f"the pair has no split file ({SPLITS_FILE}) naming its validation patients",
+                        [pair_dir])
+    x = validation_slices(splits, data_dir, cache_dir, max_slices)
+    int8 = int8_irs(pair_dir, meta, model_sums(meta["sha256"]))
+    cpu = cpu_class()
+    results = {}
+    for role, model, threshold in (("classifier", pair.classifier, pair.artifact.point.threshold),
+                                   ("segmenter", pair.segmenter, None)):
+        runners = _runners(role, model, meta["sha256"], int8, meta, openvino_cache)
+        results[role] = _check_model(role, model, x, runners, cpu, threshold)
+    if write:
+        record_variants(pair_dir, results)
+    return {"cpu": cpu, "results": results, "written": bool(write)}
