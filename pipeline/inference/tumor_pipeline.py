@@ -231,11 +231,14 @@ class TumorPipeline:
     batch_size: slices (or tiles) per model call.
     tile_overlap: overlap of neighbouring tiles for slices that are tiled.
     backend: `keras` (default), `openvino` or `auto` (module docstring); `backend_name` is the one in use.
-    precision: OpenVINO's precision hint, `auto`, `f32` or `bf16` (ignored by Keras).
+    precision: OpenVINO's variant, `auto`, `f32`, `bf16` or `int8` (ignored by Keras).
     model_sha256: {"classifier": ..., "segmenter": ...} sha256 of the model files, the OpenVINO
         cache key (`from_dir` passes the pair's); without it the models' weights are hashed.
     int8_xml: {"classifier": path, ...} INT8 IRs the pair ships (`pair_artifact.int8_irs`;
-        `from_dir` finds them), used by OpenVINO under `precision="auto"`.
+        `from_dir` finds them), run by OpenVINO when chosen (`openvino_runner.choose_variant`).
+    variant_record: {"classifier": {variant: result}, ...} the pair's variant record on this CPU
+        class (`pipeline.models.variant_record.applicable`; `from_pair` reads it): what OpenVINO's
+        `auto` may pick, and which forced variants are refused.
     """
 
     def __init__(
@@ -251,6 +254,7 @@ class TumorPipeline:
         precision: str = AUTO,
         model_sha256: dict[str, str] | None = None,
         int8_xml: dict[str, Any] | None = None,
+        variant_record: dict[str, Any] | None = None,
         **point_fields: Any,
     ) -> None:
         if batch_size < 1 or tile_size < 1:
@@ -263,7 +267,7 @@ class TumorPipeline:
         self.tile_overlap = float(tile_overlap)
         self.meta: Any = None
         self.model_sha256 = dict(model_sha256 or {})  # recorded in a diagnosis's settings and journal
-        self._use_backend(backend, precision, self.model_sha256, int8_xml or {})
+        self._use_backend(backend, precision, self.model_sha256, int8_xml or {}, variant_record or {})
 
     def __getattr__(self, name: str) -> Any:
         # called only when normal lookup fails: the operating point's fields read through
@@ -279,11 +283,11 @@ class TumorPipeline:
             super().__setattr__(name, value)
 
     def _use_backend(self, backend: str, precision: str, sha256: dict[str, str],
-                     int8: dict[str, Any]) -> None:
+                     int8: dict[str, Any], variants: dict[str, Any]) -> None:
         name = resolve_backend(backend)
         try:
             runners = [make_runner(model, name, sha256=sha256.get(role), precision=precision,
-                                   int8_xml=int8.get(role))
+                                   int8_xml=int8.get(role), variants=variants.get(role))
                        for role, model in (("classifier", self.classifier), ("segmenter", self.segmenter))]
         except BackendError as exc:
             if backend != AUTO:
@@ -333,12 +337,16 @@ class TumorPipeline:
         pair's validated `PairArtifact` (`point` replaces the operating point when given).
 
         `pair_dir` (where the pair's files are) lets a backend that takes INT8 IRs use the ones the
-        pair ships (`pair_artifact.int8_irs`). `options`: the constructor's other keywords
-        (`batch_size`, `precision`, `model_sha256`, ...) and operating-point fields to override;
+        pair ships (`pair_artifact.int8_irs`); the pair's variant record of this CPU class
+        (`pipeline.models.variant_record`) tells OpenVINO which variants it may run. `options`:
+        the constructor's other keywords (`batch_size`, `precision`, `model_sha256`, ...) and
+        operating-point fields to override;
         None values are ignored. The pair's model sums key the OpenVINO cache. INT8 files not
         matching their sums are refused (DataError) unless `allow_unverified`.
         """
-        from pipeline.models.pair_artifact import INT8_KEY, PairArtifact, int8_irs, model_sums
+        from pipeline.models.pair_artifact import INT8_KEY, MODEL_ROLES, PairArtifact, int8_irs, model_sums
+        from pipeline.models.precision import cpu_class
+        from pipeline.models.variant_record import VARIANTS_KEY, applicable
 
         artifact = getattr(pair, "artifact", None)
         if artifact is None:  # a pair assembled in memory: no files to verify
@@ -351,6 +359,11 @@ class TumorPipeline:
         if pair_dir is not None and pair.meta.get(INT8_KEY) and _takes_int8(backend):
             settings.setdefault("int8_xml", int8_irs(pair_dir, pair.meta, settings["model_sha256"],
                                                      allow_unverified=allow_unverified))
+        if pair.meta.get(VARIANTS_KEY):
+            cpu = cpu_class()
+            settings.setdefault("variant_record", {
+                role: applicable(pair.meta[VARIANTS_KEY], role, cpu, artifact.sha256)
+                for role in MODEL_ROLES})
         pipeline = cls(pair.classifier, pair.segmenter, **settings)
         pipeline.meta = pair.meta
         return pipeline

@@ -10,7 +10,8 @@ it sees a handful of shapes (Keras, which retraces per shape) or pass it as it i
     openvino   the models exported once to OpenVINO IR (cached by the model files' sha256,
                `ir_cache`), compiled per static batch shape, run on the CPU plugin
                (`openvino_runner`), checked against Keras at export (`pipeline.models.agreement`);
-               uses the INT8 IRs a pair ships (`pipeline.models.pair_artifact.int8_irs`)
+               runs each model as the fastest variant (f32, bf16, the pair's INT8 IR) that the
+               pair's variant record says gives Keras' answers on this CPU class (`variant_check`)
     auto       `$LGG_BACKEND` when set (keras or openvino: a site's or the test suite's choice),
                else openvino when it is installed and no GPU is visible, else keras (`resolve_backend`)
 
@@ -67,7 +68,8 @@ BACKEND_ENV = "LGG_BACKEND"
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend: `factory(model, sha256=, precision=, cache_dir=, check=, int8_xml=) -> Runner`,
+    """One backend: `factory(model, sha256=, precision=, cache_dir=, check=, int8_xml=, variants=)
+    -> Runner`,
     `available()` (installed here), and whether it runs a pair's INT8 IRs (`takes_int8`)."""
 
     name: str
@@ -89,11 +91,12 @@ def _keras_runner(model: Any, **_: Any) -> Runner:
 
 
 def _openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
-                     cache_dir: Any = None, check: bool = True, int8_xml: Any = None) -> Runner:
+                     cache_dir: Any = None, check: bool = True, int8_xml: Any = None,
+                     variants: Any = None) -> Runner:
     from pipeline.inference.backends.openvino_runner import openvino_runner
 
     return openvino_runner(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
-                           int8_xml=int8_xml)
+                           int8_xml=int8_xml, variants=variants)
 
 
 register_backend(Backend(KERAS, _keras_runner, lambda: True))
@@ -144,19 +147,22 @@ def make_runner(
     cache_dir: Any = None,
     check: bool = True,
     int8_xml: Any = None,
+    variants: Any = None,
 ) -> Runner:
     """A runner for `model` on the backend `backend_name` (resolve `auto` first).
 
     openvino only: `sha256` of the model's `.keras` file keys the IR cache (else a fingerprint
-    of the model's config and weights); `precision` is `auto`, `f32` or `bf16`
-    (`openvino_runner.choose_precision`); `cache_dir` overrides the cache root; `check` runs
+    of the model's config and weights); `precision` is `auto`, `f32`, `bf16` or `int8`
+    (`openvino_runner.choose_variant`); `cache_dir` overrides the cache root; `check` runs
     the agreement check against Keras when the IR is first exported; `int8_xml`: the pair's
-    INT8 IR of the model, preferred under `precision="auto"`. Raises BackendError when the
-    backend cannot serve the model (not installed, export failed, disagreement).
+    INT8 IR of the model; `variants`: the pair's variant record of the model on this CPU class
+    ({variant: result}, `pipeline.models.variant_record.applicable`), from which `auto` takes
+    the fastest that passed. Raises BackendError when the backend cannot serve the model (not
+    installed, export failed, disagreement, a forced variant that failed the pair's check).
     """
     spec = backend(backend_name)
     if not spec.available():
         raise BackendError(
             f"the {spec.name} backend needs the `{spec.name}` package (pinned in requirements.txt)")
     return spec.factory(model, sha256=sha256, precision=precision, cache_dir=cache_dir, check=check,
-                        int8_xml=int8_xml)
+                        int8_xml=int8_xml, variants=variants)

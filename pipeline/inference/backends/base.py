@@ -13,10 +13,12 @@ import numpy as np
 
 __all__ = [
     "AUTO",
+    "INT8",
     "KERAS",
     "OPENVINO",
     "PRECISIONS",
     "PRECISION_CHOICES",
+    "VARIANTS",
     "BackendError",
     "KerasRunner",
     "Runner",
@@ -27,7 +29,9 @@ AUTO = "auto"
 KERAS = "keras"
 OPENVINO = "openvino"
 PRECISIONS = ("f32", "bf16")  # OpenVINO precision hints (`openvino_runner`)
-PRECISION_CHOICES = (AUTO, *PRECISIONS)
+INT8 = "int8"  # the pair's INT8 IR of a model (`pair_artifact.int8_irs`), run with the f32 hint
+VARIANTS = (*PRECISIONS, INT8)  # what `--precision` forces (`openvino_runner.choose_variant`)
+PRECISION_CHOICES = (AUTO, *VARIANTS)
 
 
 class BackendError(RuntimeError):

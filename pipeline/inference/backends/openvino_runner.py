@@ -30,18 +30,21 @@ import math
 import os
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.inference.backends.base import AUTO, OPENVINO, PRECISIONS, BackendError
+from pipeline.inference.backends.base import AUTO, INT8, OPENVINO, PRECISIONS, VARIANTS, BackendError
 from pipeline.inference.backends.ir_cache import IREntry, cached_ir, model_fingerprint
 from pipeline.models.agreement import PROBABILITY_TOL, agreement, check_agreement, model_probe
+from pipeline.models.variant_record import failure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "OpenVINORunner", "choose_precision", "cpu_key", "openvino_runner"]
+__all__ = ["PRECISIONS", "OpenVINORunner", "choose_variant", "cpu_key", "openvino_runner", "variant_rates",
+           "variant_runner"]
 
 BF16_MARGIN = 1.10
 AUTO_PROBABILITY_MARGIN = 0.5
@@ -172,9 +175,10 @@ def _agreement(entry: IREntry, model: Any, precision: str) -> dict[str, Any]:
 
 
 def _auto_agrees(result: dict[str, Any]) -> bool:
-    """Whether `auto` may pick bf16: the agreement check passed, and for probabilities with
-    headroom (`AUTO_PROBABILITY_MARGIN`): on real slices the release classifier's bf16 drift was
-    1.8x its drift on the synthetic probe (0.0148 against 0.0084), past the 1e-2 tolerance."""
+    """Whether `auto` may pick bf16 for a pair without a variant record for this CPU class: the
+    agreement check passed, and for probabilities with headroom (`AUTO_PROBABILITY_MARGIN`): on
+    real slices the release classifier's bf16 drift was 1.8x its drift on the synthetic probe
+    (0.0148 against 0.0084), past the 1e-2 tolerance."""
     if not result.get("ok"):
         return False
     if result.get("kind") == "probability":
@@ -182,17 +186,10 @@ def _auto_agrees(result: dict[str, Any]) -> bool:
     return True
 
 
-def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
-    """The precision hint for `model` on this CPU (module docstring); times f32 and bf16 when it must.
-
-    Under `auto`, bf16 is a candidate only when it agrees with Keras (`agreement`); an explicit
-    request is returned as it is (and checked by the caller).
-    """
-    if requested != AUTO:
-        if requested not in PRECISIONS:
-            raise ValueError(f"unknown OpenVINO precision {requested!r}; "
-                             f"valid: {AUTO}, {', '.join(PRECISIONS)}")
-        return requested
+def _unrecorded_choice(entry: IREntry, model: Any) -> str:
+    """f32 or bf16 for a model the pair has no variant record of on this CPU class (module
+    docstring: the synthetic probe with headroom; AMX -> bf16; AVX512-BF16 timed), recorded per
+    CPU in the manifest (`precision_by_cpu`)."""
     if not native_bf16():
         return "f32"
     key = cpu_key()
@@ -216,6 +213,86 @@ def choose_precision(entry: IREntry, model: Any, requested: str = AUTO) -> str:
     log.info("OpenVINO precision of %s on %s: %s (%s)", entry.manifest.get("model_sha256", "?")[:12], key,
              chosen, record)
     return chosen
+
+
+def variant_runner(entry: IREntry, variant: str, int8_xml: str | os.PathLike | None = None) -> OpenVINORunner:
+    """The runner of one variant: the cached IR under the `f32` / `bf16` hint, or for `int8` the
+    pair's INT8 IR `int8_xml` (its quantized layers run in 8 bits whatever the hint; f32 elsewhere)."""
+    if variant == INT8:
+        if int8_xml is None:
+            raise ValueError("the int8 variant needs the pair's INT8 IR (int8_xml)")
+        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label=INT8, entry=entry)
+    return OpenVINORunner(entry.xml, variant, entry.compiled_dir, entry=entry)
+
+
+def variant_rates(entry: IREntry, model: Any, candidates: list[str],
+                  int8_xml: str | os.PathLike | None = None) -> dict[str, float]:
+    """{variant: slices/s} of each candidate on the model's probe (`_rate`: warm-up, then
+    TIMING_REPEATS timed batches). The one place `auto` times variants (tests replace it)."""
+    x = model_probe(model)
+    return {v: _rate(variant_runner(entry, v, int8_xml), x) for v in candidates}
+
+
+def _candidates(entry: IREntry, model: Any, record: Mapping[str, Any],
+                int8_xml: str | os.PathLike | None) -> list[str]:
+    """The variants `auto` may run: f32, and those the pair's `record` (this CPU class) marks ok
+    that can run here - bf16 only where the CPU runs it natively and it also passes the IR's
+    own agreement check (`_agreement`, the synthetic probe), int8 only where the pair ships it."""
+    out = ["f32"]
+    if record.get("bf16", {}).get("ok") and native_bf16() and _agreement(entry, model, "bf16")["ok"]:
+        out.append("bf16")
+    if record.get(INT8, {}).get("ok") and int8_xml is not None:
+        out.append(INT8)
+    return out
+
+
+def _fastest(entry: IREntry, model: Any, candidates: list[str], record: Mapping[str, Any],
+             int8_xml: str | os.PathLike | None) -> str:
+    """The fastest of `candidates` on this CPU: read from the manifest's `variant_by_cpu` record
+    when it was timed on the same candidates (and INT8 files), else timed now and recorded."""
+    key = cpu_key()
+    wanted = {"candidates": list(candidates), "int8_files": (record.get(INT8) or {}).get("files_sha256")}
+    known = entry.manifest.get("variant_by_cpu", {}).get(key)
+    if (isinstance(known, dict) and known.get("chosen") in candidates
+            and all(known.get(k) == v for k, v in wanted.items())):
+        return known["chosen"]
+    rates = variant_rates(entry, model, candidates, int8_xml)
+    chosen = max(candidates, key=lambda v: rates[v])
+    entry.record("variant_by_cpu", {key: {**wanted, "chosen": chosen, "reason": "fastest that passed",
+                                          "slices_per_s": {v: round(r, 1) for v, r in rates.items()}}})
+    log.info("OpenVINO variant of %s on %s: %s (slices/s %s)", entry.manifest.get("model_sha256", "?")[:12],
+             key, chosen, rates)
+    return chosen
+
+
+def choose_variant(entry: IREntry, model: Any, requested: str = AUTO, record: Mapping[str, Any] | None = None,
+                   int8_xml: str | os.PathLike | None = None) -> str:
+    """The variant (`f32`, `bf16`, `int8`) that runs `model` on this CPU (module docstring).
+
+    `record`: the pair's variant record of this model on this CPU class ({variant: result},
+    `variant_record.applicable`); `int8_xml`: the pair's INT8 IR of the model. A forced
+    `requested` variant the record marks failed is refused (BackendError saying which check
+    failed and by how much); `int8` forced on a model without an INT8 IR runs f32.
+    """
+    record = dict(record or {})
+    if requested != AUTO:
+        if requested not in VARIANTS:
+            raise ValueError(f"unknown OpenVINO precision {requested!r}; "
+                             f"valid: {AUTO}, {', '.join(VARIANTS)}")
+        result = record.get(requested)
+        if result is not None and not result.get("ok"):
+            raise BackendError(
+                f"--precision {requested} is refused for {getattr(model, 'name', 'the model')}: the pair's "
+                f"variant check on this CPU class ({result.get('cpu')}) failed, {failure(result)}; use "
+                f"--precision auto (the fastest variant that passed) or f32")
+        if requested == INT8 and int8_xml is None:
+            log.info("no INT8 IR of %s in the pair: it runs f32", getattr(model, "name", "the model"))
+            return "f32"
+        return requested
+    if not record:  # no check on this CPU class: the pair's INT8 IR (checked when made), else as before
+        return INT8 if int8_xml is not None else _unrecorded_choice(entry, model)
+    candidates = _candidates(entry, model, record, int8_xml)
+    return candidates[0] if len(candidates) == 1 else _fastest(entry, model, candidates, record, int8_xml)
 
 
 def probe_on_load(runner: OpenVINORunner, model: Any, entry: IREntry) -> dict[str, Any]:
@@ -243,24 +320,25 @@ def probe_on_load(runner: OpenVINORunner, model: Any, entry: IREntry) -> dict[st
 
 def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = AUTO,
                     cache_dir: str | os.PathLike | None = None, check: bool = True,
-                    int8_xml: str | os.PathLike | None = None) -> OpenVINORunner:
+                    int8_xml: str | os.PathLike | None = None,
+                    variants: Mapping[str, Any] | None = None) -> OpenVINORunner:
     """An `OpenVINORunner` for the Keras `model` (see `pipeline.inference.backends.make_runner`).
 
-    Exports the IR into the cache on first use, chooses the precision, and checks agreement with
-    Keras once per precision (recorded in the manifest); an IR taken from the cache is probed
-    against Keras on every load (`probe_on_load`) and exported again, with a warning, when it
-    disagrees. `int8_xml`: the pair's INT8 IR of this model (`pair_artifact.int8_irs`; its files
-    checked against the pair's sums, validated when `pipeline.quantization` made it), used under
-    `precision="auto"`. Raises BackendError when the export fails or the float IR disagrees with
-    Keras beyond the tolerances of `pipeline.models.agreement`.
+    Exports the IR into the cache on first use, chooses the variant (`choose_variant`, from the
+    pair's variant record `variants` of this model on this CPU class and its INT8 IR `int8_xml`,
+    `pair_artifact.int8_irs`), and checks agreement with Keras once per precision hint (recorded
+    in the manifest; an INT8 IR was checked on real slices where it was made and by
+    `variant_check`, not on the synthetic probe, which lies outside its calibration statistics).
+    An IR taken from the cache is probed against Keras on every load (`probe_on_load`) and
+    exported again, with a warning, when it disagrees. Raises BackendError when the export fails,
+    the float IR disagrees with Keras beyond the tolerances of `pipeline.models.agreement`, or a
+    forced variant failed the pair's check.
     """
     key = sha256 or model_fingerprint(model)
     entry, exported = _cached(model, key, cache_dir)
-    if int8_xml is not None and precision == AUTO:
-        # Checked where it was made, on real validation slices (`pipeline.quantization`); not on the
-        # synthetic probe, which lies outside the calibration statistics (INT8 drifts more there).
-        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label="int8", entry=entry)
-    chosen = choose_precision(entry, model, precision)
+    chosen = choose_variant(entry, model, precision, variants, int8_xml)
+    if chosen == INT8:
+        return variant_runner(entry, INT8, int8_xml)
     runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
     if check and not exported:  # `check=False` (benchmarks) skips the probe with the export check
         probe = probe_on_load(runner, model, entry)
@@ -269,7 +347,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
                         "load probe (%s); exporting the model again", entry.directory, probe)
             entry.discard()
             entry, _ = _cached(model, key, cache_dir)
-            chosen = choose_precision(entry, model, precision)
+            chosen = choose_variant(entry, model, precision, variants, None)
             runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
     if check:
         result = _agreement(entry, model, chosen)
