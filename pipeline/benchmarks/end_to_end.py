@@ -77,7 +77,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--precisions", type=_csv, default=("auto",),
-        help="comma-separated OpenVINO precision hints (auto, f32, bf16; default auto)",
+        help="comma-separated OpenVINO variants (auto, f32, bf16, int8; default auto)",
     )
     parser.add_argument(
         "--fresh-models",

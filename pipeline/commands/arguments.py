@@ -70,8 +70,10 @@ def add_backend_arguments(parser: Any) -> None:
              "CPU when installed)")
     parser.add_argument(
         "--precision", choices=PRECISION_CHOICES, default=AUTO,
-        help="OpenVINO precision hint: auto (default: the pair's INT8 files if it ships them, bf16 with "
-             "AMX; on other bf16 CPUs the faster of f32/bf16, timed once), f32 or bf16; ignored by keras")
+        help="OpenVINO variant of each model: auto (default: the fastest of f32, bf16 and the pair's "
+             "INT8 IR that the pair's variant record marks ok for this CPU class, timed once; see "
+             "`python -m pipeline variants`), or force f32, bf16 or int8 (refused when the record "
+             "marks it failed); ignored by keras")
 
 
 def add_point_arguments(parser: Any, *, min_component: bool = True) -> None:

@@ -337,8 +337,8 @@ class TumorPipeline:
         pair's validated `PairArtifact` (`point` replaces the operating point when given).
 
         `pair_dir` (where the pair's files are) lets a backend that takes INT8 IRs use the ones the
-        pair ships (`pair_artifact.int8_irs`); the pair's variant record of this CPU class
-        (`pipeline.models.variant_record`) tells OpenVINO which variants it may run. `options`:
+        pair ships (`pair_artifact.int8_irs`), and the pair's variant record of this CPU class
+        (`pipeline.models.variant_record`) tell OpenVINO which variants it may run. `options`:
         the constructor's other keywords (`batch_size`, `precision`, `model_sha256`, ...) and
         operating-point fields to override;
         None values are ignored. The pair's model sums key the OpenVINO cache. INT8 files not
@@ -359,7 +359,7 @@ class TumorPipeline:
         if pair_dir is not None and pair.meta.get(INT8_KEY) and _takes_int8(backend):
             settings.setdefault("int8_xml", int8_irs(pair_dir, pair.meta, settings["model_sha256"],
                                                      allow_unverified=allow_unverified))
-        if pair.meta.get(VARIANTS_KEY):
+        if pair_dir is not None and pair.meta.get(VARIANTS_KEY):  # checked on the pair's own files
             cpu = cpu_class()
             settings.setdefault("variant_record", {
                 role: applicable(pair.meta[VARIANTS_KEY], role, cpu, artifact.sha256)

@@ -11,16 +11,29 @@ as many as the plugin allows on this machine, at most `MAX_STREAMS`), a batch is
 many equal parts, which run side by side (asynchronous requests release the GIL) and are joined
 in order. On 2 cores that is ~15-25 % faster than one request on the whole batch.
 
-Precision (`INFERENCE_PRECISION_HINT`), `precision="auto"`:
-* no native bfloat16 (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks BF16) -> f32;
-* AMX (`amx_bf16` in /proc/cpuinfo)                                   -> bf16;
-* AVX512-BF16 without AMX: it depends on the CPU (bf16 measured 2x faster on an AMD EPYC, slower
-  on an Intel Xeon), so both are timed once on the model and the faster is kept - bf16 only when
-  >= `BF16_MARGIN` faster, as it is the less exact - and recorded per CPU in the cache manifest.
-Under `auto`, bf16 must also agree with Keras on the probe - a probability model within half the
-tolerance (`_auto_agrees`), as real slices drift further than synthetic ones. `f32` / `bf16`
-force a hint. Every precision is checked against Keras (`agreement`) the first time it is used
-with a model; a disagreement raises BackendError.
+Variants: each model runs as `f32` or `bf16` (the `INFERENCE_PRECISION_HINT` of the cached IR) or
+`int8` (the pair's INT8 IR, `pair_artifact.int8_irs`). `precision="auto"` (`choose_variant`):
+* the pair's variant record for this CPU class (`pipeline.models.variant_record`, written by
+  `variant_check`: each variant against Keras on real validation slices) names the candidates:
+  f32 always, bf16 and int8 where they passed (bf16 only where the CPU runs it natively, and it
+  must also pass this IR's own agreement check). One candidate runs as it is; among several the
+  fastest is kept: each is timed once on this machine (`variant_rates`, `_rate`) and the choice
+  recorded per CPU (`cpu_key`) in the cache manifest (`variant_by_cpu`), read by later runs while
+  the candidates are the same;
+* without a record for this CPU class, as before records existed: the pair's INT8 IR if it ships
+  one (checked on validation slices where it was made); else f32 without native bfloat16
+  (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks BF16); else bf16 only when it agrees with Keras on
+  the synthetic probe within half the tolerance (`_auto_agrees`, as real slices drift further),
+  then with AMX bf16, and with AVX512-BF16 alone both timed once and bf16 kept only when >=
+  `BF16_MARGIN` faster (`precision_by_cpu` in the manifest).
+`f32` / `bf16` / `int8` force a variant; one the pair's record marks failed on this CPU class is
+refused (BackendError naming the check and the drift). Every precision hint is checked against
+Keras (`agreement`) the first time it is used with a model; a disagreement raises BackendError.
+
+Measured on the release classifier (2-core AMX Xeon, OpenVINO 2026.4.1): bf16 drifts up to 0.021
+from Keras on the validation slices, and keeping the head (pooling, dense, sigmoid), the last
+stage, or the stem in f32 (the model split in two compiled parts) left it at 0.018-0.027, so no
+partial-f32 variant is offered: that drift is spread over the backbone.
 """
 
 from __future__ import annotations
