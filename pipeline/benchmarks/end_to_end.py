@@ -240,6 +240,8 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         # and INT8 IRs; rebuilds under another policy are hashed by their weights instead.
         exact = policy == "float32"
         rebuilt = dataclasses.replace(pair, classifier=classifier, segmenter=segmenter)
+        if options["precision"] != AUTO:  # a forced variant is timed even where the pair's check failed it
+            options["variant_record"] = {}
         pipe = TumorPipeline.from_pair(rebuilt, pair_dir if exact else None,
                                        **options, **({} if exact else {"model_sha256": {}}))
 
@@ -276,7 +278,19 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "end_to_end_slices_per_s": round(len(images) / t_e2e, 2),
         "stages_only_slices_per_s": round(len(images) / (t_cls + (t_seg if flagged else 0.0)), 2),
         "peak_rss_mb": _peak_rss_mb(),
+        "failed_variant_check": _failed_checks(pair, spec.get("precision", AUTO)) if pair else [],
     }
+
+
+def _failed_checks(pair: Any, precision: str) -> list[str]:
+    """The models whose forced `precision` the pair's variant record marks failed on this CPU class."""
+    from pipeline.models.pair_artifact import MODEL_ROLES
+    from pipeline.models.precision import cpu_class
+    from pipeline.models.variant_record import VARIANTS_KEY, applicable
+
+    record, cpu = pair.meta.get(VARIANTS_KEY), cpu_class()
+    return [role for role in MODEL_ROLES
+            if applicable(record, role, cpu, pair.artifact.sha256).get(precision, {}).get("ok") is False]
 
 
 def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
@@ -357,6 +371,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{fmt(r['classifier_slices_per_s'], 12)} {fmt(r['segmenter_slices_per_s'], 12)} "
             f"{fmt(r.get('stages_only_slices_per_s'), 9)} {fmt(rate, 13)} "
             f"{flagged:>8} {fmt(r['peak_rss_mb'], 12)} {fmt(ratio, 10)} {fmt(vs_keras, 11)}"
+            + (f"  (failed the variant check: {', '.join(r['failed_variant_check'])})"
+               if r.get("failed_variant_check") else "")
         )
     env = report["environment"]
     lines += [
