@@ -282,8 +282,12 @@ def test_the_command_replaces_a_release_with_force_and_prints_sizes_and_hashes(m
     assert command.run(args) == 2
     assert "force" in capsys.readouterr().err
 
+    stale = out / "openvino" / "segmenter.int8.xml"  # the replaced release's INT8 copy
+    stale.parent.mkdir()
+    stale.write_text("<net/>")
     args.force = True
     assert command.run(args) == 0
+    assert not stale.parent.exists()
     printed = capsys.readouterr().out
     for name in RELEASE_FILES:
         assert f"{sha256_of(out / name)}  {name}" in printed

@@ -50,6 +50,7 @@ from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABIL
 from pipeline.models.model_io import load_model, load_pair, save_model, versions
 from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
+    INT8_DIR,
     META_FILE,
     MODEL_FILES,
     SEGMENTER_FILE,
@@ -385,9 +386,11 @@ def _measured_record(measured: dict[str, float], tolerance: Tolerance, probe: Pr
 
 def _swap_in(staging: Path, out_dir: Path) -> list[str]:
     """Move the staged release into `out_dir`: the stale marker goes first, pipeline.json and
-    SHA256SUMS come last. Returns the files SHA256SUMS lists."""
+    SHA256SUMS come last; the previous release's INT8 IRs (`openvino/`, made from its models)
+    are removed. Returns the files SHA256SUMS lists."""
     for name in (META_FILE, SUMS_FILE):
         (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / INT8_DIR, ignore_errors=True)
     for name in (*MODEL_FILES, SPLITS_FILE, META_FILE):
         os.replace(staging / name, out_dir / name)
     listed = [*MODEL_FILES, SPLITS_FILE, META_FILE]
