@@ -89,3 +89,22 @@ def test_the_ensemble_command_averages_runs_and_keeps_the_first_runs_classifier_
     assert (tmp_path / "ens" / "config.yaml").read_text(encoding="utf-8") == "data: {fold: 0, folds: 3}\n"
     x = np.stack(images).astype("float32")  # two copies of one segmenter: the mean is that segmenter
     np.testing.assert_allclose(np.asarray(pair.segmenter(x)), np.asarray(members[0](x)), atol=1e-5)
+
+
+def test_an_ensemble_runs_under_another_policy_with_its_probabilities_in_float32(members, images):
+    """The bench times a float32 release under mixed_bfloat16: every member layer must compute in
+    bfloat16 (not silently stay float32), the outputs stay float32 and near the float32 ones."""
+    from pipeline.models.precision import with_policy
+
+    ensemble = build_ensemble(members)
+    mixed = with_policy(ensemble, "mixed_bfloat16")
+    inner = [layer for member in ensemble_members(mixed) for layer in member.layers]
+    assert {layer.dtype_policy.name for layer in inner if "conv" in layer.name} == {"mixed_bfloat16"}
+    assert mixed.get_layer("mask_probability").dtype_policy.name == "float32"
+    assert all(m.get_layer("mask_probability").dtype_policy.name == "float32" for m in ensemble_members(mixed))
+    x = np.stack(images).astype(np.float32)
+    got, want = mixed.predict_on_batch(x), ensemble.predict_on_batch(x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.05)
+    back = with_policy(mixed, "float32", keep=())
+    assert {layer.dtype_policy.name for m in ensemble_members(back) for layer in m.layers} == {"float32"}

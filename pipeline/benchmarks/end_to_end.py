@@ -182,25 +182,16 @@ def _models_under_policy(pair_dir: Path | None):
                 f"ResUNet {seg_cfg.base_filters}/{seg_cfg.depth}, weights=none)"
             ),
         )
+    import keras
+
     from pipeline.models.model_io import load_pair
+    from pipeline.models.precision import with_policy
 
     pair = load_pair(pair_dir)
-    config = pair.meta.get("config") or {}
-    cls_cfg, seg_cfg = config.get("classifier", {}), config.get("segmenter", {})
     description = f"trained pair {pair_dir} (saved under {pair.meta.get('policy', '?')})"
-    try:  # rebuild under the current policy and copy the weights in
-        classifier = build_classifier(
-            int(pair.meta.get("classifier_image_size") or 128),
-            weights="none",
-            dropout=float(cls_cfg.get("dropout", 0.3)),
-            dense_units=int(cls_cfg.get("dense_units", 256)),
-        )
-        classifier.set_weights(pair.classifier.get_weights())
-        segmenter = build_resunet(int(seg_cfg.get("base_filters", 16)), int(seg_cfg.get("depth", 4)))
-        segmenter.set_weights(pair.segmenter.get_weights())
-    except (ValueError, TypeError) as exc:  # architecture not rebuildable: time the saved models as they are
-        description += f"; kept its saved policy ({exc})"
-        classifier, segmenter = pair.classifier, pair.segmenter
+    policy = keras.mixed_precision.global_policy().name
+    classifier, segmenter = (with_policy(m, policy) for m in (pair.classifier, pair.segmenter))
+    description += f"; run under {policy}"
     return classifier, segmenter, pair, description
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 
 from pipeline.models.variant_record import CPU_CLASS_FLAGS, CPU_CLASSES
 
@@ -28,6 +30,11 @@ AUTO = "auto"
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 VALID_NAMES = (AUTO, *POLICIES)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# Layers built with an explicit float32 dtype (probabilities, the classifier's resize): they stay
+# float32 under any policy (`with_policy`).
+FLOAT32_LAYERS = ("tumor_probability", "mask_probability", "resize")
+_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
+_16_BIT_DTYPES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)  # where `auto` picks mixed_bfloat16 (module docstring)
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -99,3 +106,44 @@ def apply_policy(name: str = AUTO) -> str:
     keras.mixed_precision.set_global_policy(policy)
     log.info("dtype policy: %s (requested %s)", policy, name)
     return policy
+
+
+def _config_with_policy(node: Any, policy: str, keep: tuple[str, ...]) -> tuple[Any, bool]:
+    """A copy of a model config with every layer's dtype policy set to `policy` (layers named in
+    `keep` and an input's plain "float32" untouched), and whether any changed."""
+    if isinstance(node, list):
+        items = [_config_with_policy(v, policy, keep) for v in node]
+        return [v for v, _ in items], any(c for _, c in items)
+    if not isinstance(node, dict):
+        return node, False
+    if node.get("class_name") in _POLICY_CLASSES and isinstance(node.get("config"), dict):
+        if node["config"].get("name") == policy:
+            return node, False
+        return {**node, "config": {**node["config"], "name": policy}}, True
+    if isinstance(node.get("config"), dict) and node["config"].get("name") in keep:
+        return node, False
+    out, changed = {}, False
+    for key, value in node.items():
+        if key == "dtype" and value in _16_BIT_DTYPES and value != policy:  # an older plain-string policy
+            out[key], c = policy, True
+        else:
+            out[key], c = _config_with_policy(value, policy, keep)
+        changed |= c
+    return out, changed
+
+
+def with_policy(model: keras.Model, policy: str, keep: tuple[str, ...] = FLOAT32_LAYERS) -> keras.Model:
+    """`model` rebuilt from its config with every layer under the dtype `policy` (but `keep`), its
+    weights copied in (as float32 arrays); `model` itself when nothing changes.
+
+    A saved layer keeps the policy it was saved under, so this is how a float32 release runs
+    under `mixed_bfloat16` (the bench) and a mixed-precision run becomes a float32 release.
+    Works for nested models (a classifier's backbone, an ensemble's members).
+    """
+    config, changed = _config_with_policy(model.get_config(), policy, keep)
+    if not changed:
+        return model
+    rebuilt = model.__class__.from_config(config)
+    rebuilt.set_weights([np.asarray(w, np.float32) if np.issubdtype(np.asarray(w).dtype, np.floating)
+                         else w for w in model.get_weights()])
+    return rebuilt

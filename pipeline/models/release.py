@@ -48,6 +48,7 @@ from pipeline.errors import DataError
 from pipeline.io_utils import atomic_write_bytes, sha256_of
 from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL, mask_agreement
 from pipeline.models.model_io import load_model, load_pair, save_model, versions
+from pipeline.models.precision import with_policy
 from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     INT8_DIR,
@@ -68,9 +69,6 @@ WEIGHTS_DTYPES = ("float16", "float32")
 MAX_TOTAL_BYTES = 100_000_000  # both model files together (100 MB, below GitHub's 100 MiB file limit)
 WEIGHTS_ENTRY = "model.weights.h5"  # the weights inside a .keras archive (a zip)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Dtype policies that do not compute in float32; a release always computes in float32.
-_NON_FLOAT32_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
-_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
 
 
 @dataclass(frozen=True)
@@ -100,41 +98,13 @@ class ProbeSpec:
 # ---------------------------------------------------------------------------- float32 models
 
 
-def _force_float32(node: Any) -> tuple[Any, bool]:
-    """A copy of a model config with every non-float32 dtype policy set to float32, and whether any was."""
-    if isinstance(node, list):
-        items = [_force_float32(v) for v in node]
-        return [v for v, _ in items], any(c for _, c in items)
-    if not isinstance(node, dict):
-        return node, False
-    if node.get("class_name") in _POLICY_CLASSES and isinstance(node.get("config"), dict):
-        name = node["config"].get("name")
-        if name in _NON_FLOAT32_POLICIES:
-            return {**node, "config": {**node["config"], "name": "float32"}}, True
-        return node, False
-    out, changed = {}, False
-    for key, value in node.items():
-        if key == "dtype" and value in _NON_FLOAT32_POLICIES:
-            out[key], c = "float32", True
-        else:
-            out[key], c = _force_float32(value)
-        changed |= c
-    return out, changed
-
-
 def as_float32_model(model: keras.Model) -> keras.Model:
     """`model` itself when every layer computes in float32, else a float32 rebuild with its weights.
 
     A run trained under a mixed policy (GPU `mixed_float16`, CPU `mixed_bfloat16`) has layers that
     compute in 16 bits; the release runs everywhere, so it computes in float32.
     """
-    config, changed = _force_float32(model.get_config())
-    if not changed:
-        return model
-    rebuilt = model.__class__.from_config(config)
-    rebuilt.set_weights([np.asarray(w, np.float32) if np.issubdtype(np.asarray(w).dtype, np.floating)
-                         else w for w in model.get_weights()])
-    return rebuilt
+    return with_policy(model, "float32", keep=())
 
 
 # ---------------------------------------------------------------------------- float16 storage
