@@ -250,6 +250,20 @@ def test_stage_history_prefers_the_merged_file_and_falls_back_to_phases(tmp_path
         ex.stage_history(run, "detector")
 
 
+def test_a_final_model_without_validation_is_summarised_without_a_best_epoch(tmp_path):
+    """`--fold all` trains on every patient: its history's validation columns are all empty."""
+    run = make_fake_run(tmp_path / "run")
+    seg = run / "segmenter" / "history.csv"
+    history = pd.read_csv(seg)
+    history["val_dice"] = float("nan")
+    history.to_csv(seg, index=False)
+    summary = ex.training_summary(run).set_index("stage")
+    assert summary.loc["segmenter", "epochs"] == 4
+    assert summary.loc["segmenter", "monitor"].startswith("none")
+    assert pd.isna(summary.loc["segmenter", "best_epoch"])
+    assert summary.loc["classifier", "best_epoch"] >= 1  # the validated stage keeps its best epoch
+
+
 def test_run_dir_resolution_order(tmp_path, fake_pair):
     runs = tmp_path / "runs"
     (runs / "20260101-000000").mkdir(parents=True)

@@ -370,15 +370,15 @@ def training_summary(run_dir: str | os.PathLike) -> pd.DataFrame:
         column = f"val_{metric}"
         if history.empty or column not in history:
             continue
-        best = int(history[column].idxmax())
+        validated = history[column].notna().any()  # a final model (`--fold all`) validates on no patient
         rows.append(
             {
                 "stage": stage,
                 "epochs": len(history),
                 "phases": ", ".join(dict.fromkeys(history.get("phase", pd.Series(dtype=str)).astype(str))),
-                "monitor": column,
-                "best": float(history[column].max()),
-                "best_epoch": best + 1,
+                "monitor": column if validated else "none (no validation patients)",
+                "best": float(history[column].max()) if validated else float("nan"),
+                "best_epoch": int(history[column].idxmax()) + 1 if validated else None,
             }
         )
     return pd.DataFrame(rows, columns=["stage", "epochs", "phases", "monitor", "best", "best_epoch"])
