@@ -101,7 +101,8 @@ def test_an_ensemble_runs_under_another_policy_with_its_probabilities_in_float32
     inner = [layer for member in ensemble_members(mixed) for layer in member.layers]
     assert {layer.dtype_policy.name for layer in inner if "conv" in layer.name} == {"mixed_bfloat16"}
     assert mixed.get_layer("mask_probability").dtype_policy.name == "float32"
-    assert all(m.get_layer("mask_probability").dtype_policy.name == "float32" for m in ensemble_members(mixed))
+    outputs = [m.get_layer("mask_probability") for m in ensemble_members(mixed)]
+    assert {layer.dtype_policy.name for layer in outputs} == {"float32"}
     x = np.stack(images).astype(np.float32)
     got, want = mixed.predict_on_batch(x), ensemble.predict_on_batch(x)
     assert got.dtype == np.float32

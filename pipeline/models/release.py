@@ -48,7 +48,6 @@ from pipeline.errors import DataError
 from pipeline.io_utils import atomic_write_bytes, sha256_of
 from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL, mask_agreement
 from pipeline.models.model_io import load_model, load_pair, save_model, versions
-from pipeline.models.precision import with_policy
 from pipeline.models.pair_artifact import (
     CLASSIFIER_FILE,
     INT8_DIR,
@@ -62,6 +61,7 @@ from pipeline.models.pair_artifact import (
     write_pair_meta,
     write_sums,
 )
+from pipeline.models.precision import with_policy
 from pipeline.paths import MODELS_DIR, PROJECT_ROOT, from_project
 
 DEFAULT_RELEASE_DIR = MODELS_DIR

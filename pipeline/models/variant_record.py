@@ -79,25 +79,22 @@ def _check_result(where: str, result: Any, cpu: str) -> None:
         raise ValueError(f"{where}.files_sha256 must map the pair's file names to 64-digit hex sums")
 
 
+def _level(where: str, value: Any, valid: tuple[str, ...], what: str) -> Mapping[str, Any]:
+    """`value` as one level of the record: an object whose keys are all in `valid` (ValueError else)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(value).__name__}")
+    for key in value:
+        if key not in valid:
+            raise ValueError(f"{where} has an unknown {what} {key!r}; valid: {', '.join(valid)}")
+    return value
+
+
 def check_variants(value: Any) -> dict[str, Any]:
     """Validate a `variants` record (module docstring) -> it, as a dict; ValueError naming the key."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"'{VARIANTS_KEY}' must be an object, got {type(value).__name__}")
-    for role, by_cpu in value.items():
-        if role not in ROLES:
-            raise ValueError(f"'{VARIANTS_KEY}' has an unknown role {role!r}; valid: {', '.join(ROLES)}")
-        if not isinstance(by_cpu, Mapping):
-            raise ValueError(f"{VARIANTS_KEY}.{role} must be an object")
-        for cpu, by_variant in by_cpu.items():
-            if cpu not in CPU_CLASSES:
-                raise ValueError(f"{VARIANTS_KEY}.{role} has an unknown CPU class {cpu!r}; "
-                                 f"valid: {', '.join(CPU_CLASSES)}")
-            if not isinstance(by_variant, Mapping):
-                raise ValueError(f"{VARIANTS_KEY}.{role}.{cpu} must be an object")
-            for variant, result in by_variant.items():
-                if variant not in VARIANTS:
-                    raise ValueError(f"{VARIANTS_KEY}.{role}.{cpu} has an unknown variant {variant!r}; "
-                                     f"valid: {', '.join(VARIANTS)}")
+    for role, by_cpu in _level(f"'{VARIANTS_KEY}'", value, ROLES, "role").items():
+        for cpu, by_variant in _level(f"{VARIANTS_KEY}.{role}", by_cpu, CPU_CLASSES, "CPU class").items():
+            for variant, result in _level(f"{VARIANTS_KEY}.{role}.{cpu}", by_variant, VARIANTS,
+                                          "variant").items():
                 _check_result(f"{VARIANTS_KEY}.{role}.{cpu}.{variant}", result, cpu)
     return {role: {cpu: dict(v) for cpu, v in by_cpu.items()} for role, by_cpu in value.items()}
 
