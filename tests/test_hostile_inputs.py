@@ -8,6 +8,7 @@ diagnosed row with a warning, and the other inputs of the batch must still be di
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import tracemalloc
@@ -85,6 +86,12 @@ def test_outliers_cannot_decide_the_intensity_scale(tmp_path):
     assert "pre-contrast: 1 voxel(s) far below the rest (down to -32768)" in studies["cold.nii.gz"]["warning"]
     assert all(r["warning"] == studies["hot.nii.gz"]["warning"] for r in _rows(result, "hot.nii.gz"))
     _failed(studies, "noise", "FLAIR", "stored slice 2 (IM0004.dcm)", "corrupt pixel data")
+    # the review page shows it: on the study's card and on each of its rows, and no clean study has one
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    shown = f"warning: {html.escape(studies['hot.nii.gz']['warning'])}"
+    assert page.count(f'<p class="warning">{shown}</p>') == 1
+    assert page.count(f'<td class="warning">{shown}</td>') == len(_rows(result, "hot.nii.gz"))
+    assert page.count('<p class="warning">') == 2  # hot and cold
 
 
 # --------------------------------------------------------------------------- geometry

@@ -78,6 +78,7 @@ class Card:
     volume: str = ""  # "12.3 mL (13,483 voxels)" or "5,210 px"
     slice_range: str = ""
     error: str | None = None
+    warning: str | None = None  # diagnosed, but the input needs a look (outliers clipped, oblique)
     volumes_js: Path | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
 
@@ -149,6 +150,7 @@ def build_cards(
             rows=study_rows,
             source=record["source"] or "",
             error=record["error"],
+            warning=record.get("warning"),
         )
         if not record["error"]:
             ml = record["tumour_volume_ml"]
@@ -200,6 +202,8 @@ def _card_html(card: Card, out: Path, viewer_ok: bool) -> str:
         *card.facts,
     ]
     parts.append("<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts) + "</dl>")
+    if card.warning:
+        parts.append(f'<p class="warning">warning: {esc(card.warning)}</p>')
     largest = card.largest
     if largest is not None:
         parts.append(
@@ -256,10 +260,12 @@ def _row_html(row: dict[str, Any]) -> str:
         f'<td class="{DECISION_CLASS.get(decision, "")}">{esc(decision)}</td>',
         f'<td class="num" data-value="{_fmt(row["probability"], 6)}">{_fmt(row["probability"])}</td>',
         f'<td class="num" data-value="{esc(row["area_px"])}">{esc(row["area_px"])}</td>',
-        f'<td class="error">{esc(row["error"])}</td>',
+        f'<td class="error">{esc(row["error"])}</td>' if row["error"] or not row.get("warning")
+        else f'<td class="warning">warning: {esc(row["warning"])}</td>',
     ]
     cells[0] = f"<td>{cells[0]}</td>"
-    search = " ".join(str(v) for v in (row["path"], row["patient_id"], decision, row["error"]) if v).lower()
+    search = " ".join(str(v) for v in (row["path"], row["patient_id"], decision, row["error"], row.get("warning"))
+                      if v).lower()
     return (
         f'<tr class="{"failed" if row["error"] else ""}" data-decision="{esc(decision)}" '
         f'data-search="{esc(search)}">' + "".join(cells) + "</tr>"
@@ -350,11 +356,11 @@ def _body_html(out: Path, all_rows: Sequence[dict[str, Any]], failed: list[dict[
         ("decision", "text"),
         ("probability", "num"),
         ("area px", "num"),
-        ("error", "text"),
+        ("error / warning", "text"),
     ]
     body += [
         f'<section><h2>Slices ({len(all_rows)})</h2><div class="controls">'
-        '<input id="filter-text" type="search" placeholder="filter: file name, patient, error ...">'
+        '<input id="filter-text" type="search" placeholder="filter: file name, patient, error, warning ...">'
         f'<select id="filter-decision"><option value="">every decision</option>{options}</select>'
         '<span id="shown" class="muted"></span></div>',
         '<table id="slices"><thead><tr>'
