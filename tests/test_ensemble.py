@@ -74,10 +74,12 @@ def test_an_ensemble_pair_gives_the_mean_of_its_members_on_each_backend(ensemble
 def test_the_ensemble_command_averages_runs_and_keeps_the_first_runs_classifier_and_split(
         tiny_pair, images, tmp_path):
     from pipeline.cli import main
-    from pipeline.models.pair_artifact import read_pair_record
+    from pipeline.models.pair_artifact import read_pair_record, write_pair_meta
 
     first = tmp_path / "fold0"
     shutil.copytree(tiny_pair, first)
+    record = read_pair_record(first)
+    write_pair_meta(first, {**record, "durations_minutes": {"segmenter_train": 1.5}})
     (first / "config.yaml").write_text("data: {fold: 0, folds: 3}\n", encoding="utf-8")
     assert main(["ensemble", str(first), "--out", str(tmp_path / "one")]) == 2
     assert main(["ensemble", str(first), str(tiny_pair), "--out", str(tmp_path / "ens")]) == 0
@@ -86,6 +88,8 @@ def test_the_ensemble_command_averages_runs_and_keeps_the_first_runs_classifier_
     assert len(members) == 2
     source = read_pair_record(tiny_pair)["sha256"]
     assert pair.meta["ensemble"]["member_sha256"] == [source["segmenter.keras"]] * 2
+    one = read_pair_record(tiny_pair).get("durations_minutes", {}).get("segmenter_train", 0.0)
+    assert pair.meta["durations_minutes"]["segmenter_train"] == round(1.5 + one, 2)
     assert (tmp_path / "ens" / "config.yaml").read_text(encoding="utf-8") == "data: {fold: 0, folds: 3}\n"
     x = np.stack(images).astype("float32")  # two copies of one segmenter: the mean is that segmenter
     np.testing.assert_allclose(np.asarray(pair.segmenter(x)), np.asarray(members[0](x)), atol=1e-5)

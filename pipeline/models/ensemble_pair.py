@@ -2,7 +2,8 @@
 
 The classifier, the operating point, the split and the config come from the first run, so an
 ensemble of fold-K runs validates on fold K (`calibrate --run OUT`, `evaluate --run OUT
---split val`) exactly as its members did; `pipeline.json` records the member runs and their sums.
+--split val`) exactly as its members did; `pipeline.json` records the member runs, their sums
+and their training minutes.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ def save_ensemble_pair(runs: Sequence[str | os.PathLike], out_dir: str | os.Path
     pairs = [load_pair(run) for run in runs]
     first, out_dir = Path(runs[0]), Path(out_dir)
     meta = {k: v for k, v in pairs[0].meta.items() if k not in ("sha256", "created", "versions")}
+    minutes = [p.meta.get("durations_minutes") or {} for p in pairs]
     meta["ensemble"] = {"members": [str(run) for run in runs],
-                        "member_sha256": [p.meta["sha256"]["segmenter.keras"] for p in pairs]}
+                        "member_sha256": [p.meta["sha256"]["segmenter.keras"] for p in pairs],
+                        "member_minutes": minutes}
+    # the ensemble's training time is its members' (the first run's alone would understate it)
+    total = sum(m.get("segmenter_train", 0.0) for m in minutes)
+    meta["durations_minutes"] = {"segmenter_train": round(total, 2)}
     save_pair(out_dir, pairs[0].classifier, build_ensemble([p.segmenter for p in pairs]), meta)
     for name in (SPLITS_FILE, RUN_CONFIG_FILE):
         if (first / name).is_file():

@@ -264,8 +264,8 @@ def _row_html(row: dict[str, Any]) -> str:
         else f'<td class="warning">warning: {esc(row["warning"])}</td>',
     ]
     cells[0] = f"<td>{cells[0]}</td>"
-    search = " ".join(str(v) for v in (row["path"], row["patient_id"], decision, row["error"], row.get("warning"))
-                      if v).lower()
+    words = (row["path"], row["patient_id"], decision, row["error"], row.get("warning"))
+    search = " ".join(str(v) for v in words if v).lower()
     return (
         f'<tr class="{"failed" if row["error"] else ""}" data-decision="{esc(decision)}" '
         f'data-search="{esc(search)}">' + "".join(cells) + "</tr>"
