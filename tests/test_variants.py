@@ -225,6 +225,18 @@ def test_a_failing_variant_is_never_picked_however_fast(chooser):
     assert chooser.timed == [["f32", "int8"]]
 
 
+def test_quantize_measures_its_new_int8_files_even_where_the_record_predates_them(chooser):
+    """`quantize` evaluates each candidate pair with `CANDIDATE_PRECISION`: with a record of this
+    CPU class that has no result for the new INT8 files, that must still run the INT8 IR (under
+    `auto` it ran bf16, and every candidate looked as good as float32)."""
+    from pipeline.quantization.int8 import CANDIDATE_PRECISION
+
+    record = {"f32": _result(), "bf16": _result()}
+    assert chooser(record=record) == "bf16"
+    assert chooser(CANDIDATE_PRECISION, record) == "int8"
+    assert chooser(CANDIDATE_PRECISION, record, int8_xml=None) == "f32"  # the model left in float32
+
+
 def test_only_f32_passing_runs_f32_without_timing(chooser):
     assert chooser(record={"f32": _result(), "bf16": _result(ok=False, diff=0.02)}) == "f32"
     assert chooser.timed == []

@@ -26,11 +26,16 @@ import numpy as np
 
 from pipeline.data.splits import select_positions
 from pipeline.errors import DataError
-from pipeline.inference.backends.base import OPENVINO
+from pipeline.inference.backends.base import INT8, OPENVINO
 from pipeline.io_utils import sha256_of
 from pipeline.models.agreement import MASK_AGREEMENT, MASK_PROBABILITY, PROBABILITY_TOL
 from pipeline.models.pair_artifact import INT8_DIR, INT8_KEY
 from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP
+
+# How each candidate pair is evaluated: its INT8 IRs forced (the other model f32). Not `auto`: a
+# pair whose variant record covers this CPU class but not the new, unchecked INT8 files runs
+# them only once `variants` has passed them, so `auto` would measure f32 or bf16 instead.
+CANDIDATE_PRECISION = INT8
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +269,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
     measured: dict[str, Any] = {"float32": {"val_e2e_mean_patient_dice": base_dice}}
     for variant, roles in VARIANTS.items():
         where = _variant_pair(pair_dir, meta, {r: files[r] for r in roles}, work / f"pair-{variant}")
-        dice, probs = run(where, "auto", variant)
+        dice, probs = run(where, CANDIDATE_PRECISION, variant)
         measured[variant] = {"val_e2e_mean_patient_dice": dice, "drop": base_dice - dice,
                              "max_probability_diff": float(np.max(np.abs(probs - base_probs))),
                              "segmenter_mask_agreement": masks if "segmenter" in roles else 1.0}
