@@ -173,12 +173,28 @@ def test_a_variant_result_applies_the_agreement_tolerances():
     assert not bad["ok"]
     assert failure(bad) == ("its probabilities differ from Keras by up to 0.0207 on 2 slices, beyond 0.01")
     maps = np.zeros((2, 10, 10, 1), np.float32)
+    maps[1] = 1.0  # a tumour of 100 px
     flipped = maps.copy()
-    flipped[0, :1, :1] = 1.0  # 1 of 200 pixels: 99.5 % agree, the limit itself
+    flipped[0, :1, :1] = 1.0  # 1 of 200 pixels: 99.5 % agree, the limit itself; mask Dice 0.995
     assert variant_result(maps, flipped, "vnni", {"segmenter.keras": "e" * 64})["ok"]
     flipped[0, :1, :2] = 1.0
     assert "99.00 % of the pixels of 2 slices, below 99.5 %" in failure(
         variant_result(maps, flipped, "vnni", {"segmenter.keras": "e" * 64}))
+
+
+def test_a_segmenter_variant_must_keep_the_tumour_not_only_the_pixels():
+    """INT8 on release 0.3.0: 99.93 % of the pixels agreed, validation Dice fell by 0.028. A small
+    tumour mostly lost is a small share of the pixels but not of the mask's Dice."""
+    maps = np.zeros((1, 100, 100, 1), np.float32)
+    maps[0, :10, :10] = 1.0  # 100 tumour pixels of 10,000
+    shrunk = maps.copy()
+    shrunk[0, :10, :1] = 0.0  # 10 of them lost: 99.9 % of the pixels agree, mask Dice 0.947
+    result = variant_result(maps, shrunk, "amx", {"segmenter.keras": "e" * 64})
+    assert result["mask_agreement"] == pytest.approx(0.999)
+    assert result["mask_dice"] == pytest.approx(0.947, abs=1e-3)
+    assert not result["ok"]
+    assert "Dice of 0.947 against Keras' on 1 slices, below 0.99" in failure(result)
+    assert variant_result(maps, maps, "amx", {"segmenter.keras": "e" * 64})["mask_dice"] == 1.0
 
 
 # --------------------------------------------------------------------------- auto picks by speed

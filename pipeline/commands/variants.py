@@ -33,7 +33,9 @@ def format_results(report: dict) -> list[str]:
     lines = [f"CPU class {report['cpu']}:"]
     for role, by_variant in report["results"].items():
         for variant, r in by_variant.items():
-            drift = (f"masks agree {100 * r['mask_agreement']:.3f} %" if r["kind"] == "map"
+            dice = r.get("mask_dice", float("nan"))
+            drift = (f"masks agree {100 * r['mask_agreement']:.3f} %, mask Dice {dice:.4f}"
+                     if r["kind"] == "map"
                      else f"max |p - p_keras| {r['max_abs_diff']:.4f}, gate flips {r.get('gate_flips', 0)} "
                           f"({r.get('gate_flips_beyond_tolerance', 0)} beyond the tolerance)")
             lines.append(f"  {role:<10} {variant:<5} {'ok    ' if r['ok'] else 'FAILED'} {drift} "

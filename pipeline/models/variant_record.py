@@ -7,7 +7,8 @@ and stores the outcome in the pair's `pipeline.json`:
 
     "variants": {role: {cpu class: {variant: {
         "ok": bool, "kind": "probability" | "map", "max_abs_diff": float,
-        "mask_agreement": float (maps), "n_slices": int, "cpu": the class again,
+        "mask_agreement": float (maps), "mask_dice": float (maps, from 0.3.0's record on),
+        "n_slices": int, "cpu": the class again,
         "files_sha256": {pair file: sum} the variant ran (`.keras`, and the INT8 files for int8),
         ... (gate_flips, threshold, openvino, checked: kept as written)}}}}
 
@@ -68,6 +69,8 @@ def _check_result(where: str, result: Any, cpu: str) -> None:
     _number(f"{where}.max_abs_diff", result.get("max_abs_diff"), 0.0)
     if result["kind"] == "map":
         _number(f"{where}.mask_agreement", result.get("mask_agreement"), 0.0, 1.0)
+        if "mask_dice" in result:  # records written before it have none
+            _number(f"{where}.mask_dice", result["mask_dice"], 0.0, 1.0)
     n = result.get("n_slices")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}.n_slices must be an integer >= 1, got {n!r}")
@@ -121,11 +124,15 @@ def merge_variants(variants: Mapping[str, Any] | None,
 
 def failure(result: Mapping[str, Any]) -> str:
     """What a failed `result` missed and by how much, for messages ('' when it passed)."""
-    from pipeline.models.agreement import MASK_AGREEMENT, PROBABILITY_TOL
+    from pipeline.models.agreement import MASK_AGREEMENT, MASK_DICE, PROBABILITY_TOL
 
     if result.get("ok"):
         return ""
     n = result.get("n_slices")
+    if (result.get("kind") == "map" and result["mask_agreement"] >= MASK_AGREEMENT
+            and result.get("mask_dice", 1.0) < MASK_DICE):
+        return (f"its masks reach a Dice of {result['mask_dice']:.3f} against Keras' on {n} slices, "
+                f"below {MASK_DICE:g} (though {100 * result['mask_agreement']:.2f} % of the pixels agree)")
     if result.get("kind") == "map":
         return (f"its masks agree with Keras on {100 * result['mask_agreement']:.2f} % of the pixels of "
                 f"{n} slices, below {100 * MASK_AGREEMENT:.1f} %")

@@ -6,7 +6,8 @@ INT8 IR that belongs to the model file (`pair_artifact.int8_irs`) - and Keras on
 the release's deterministic probe (`synthetic_slices.probe_batch`) and the pair's validation
 patients (its `splits.csv`, read through the index and array caches as `pipeline.quantization`
 does). A variant passes with the tolerances of `pipeline.models.agreement` (probabilities within
-`PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels); for the classifier the
+`PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels and their Dice against Keras'
+masks >= `MASK_DICE`); for the classifier the
 result also counts the gate decisions that differ at the pair's threshold (`gate_flips`; the
 probability tolerance lets only slices within it of the threshold flip,
 `gate_flips_beyond_tolerance` counts the others and must be 0). The results are filed in the
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.models.agreement import PROBABILITY_TOL, agreement
+from pipeline.models.agreement import MASK_DICE, PROBABILITY_TOL, agreement, mask_dice
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ def variant_result(reference: np.ndarray, candidate: np.ndarray, cpu: str, files
     with Keras', the slices, the CPU class, the files it ran, and for a classifier (`threshold`
     given) `gate_flips`."""
     result = agreement(reference, candidate)
+    if result["kind"] == "map":  # and the tumour itself, not only the pixels (`agreement.MASK_DICE`)
+        result["mask_dice"] = mask_dice(reference, candidate)
+        result["ok"] = bool(result["ok"] and result["mask_dice"] >= MASK_DICE)
     result.update(n_slices=int(len(reference)), cpu=cpu, files_sha256=dict(files_sha256))
     if threshold is not None:
         result.update(threshold=float(threshold), **gate_flips(reference, candidate, threshold))
