@@ -22,6 +22,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from pipeline.models.resnet_classifier import OUTPUT_NAME as CLASSIFIER_OUTPUT
+from pipeline.models.resnet_classifier import RESIZE_NAME
+from pipeline.models.resunet import OUTPUT_NAME as SEGMENTER_OUTPUT
 from pipeline.models.variant_record import CPU_CLASS_FLAGS, CPU_CLASSES
 
 log = logging.getLogger(__name__)
@@ -30,14 +33,13 @@ AUTO = "auto"
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 VALID_NAMES = (AUTO, *POLICIES)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# Layers built with an explicit float32 dtype (probabilities, the classifier's resize): they stay
-# float32 under any policy (`with_policy`).
-FLOAT32_LAYERS = ("tumor_probability", "mask_probability", "resize")
-_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
-_16_BIT_DTYPES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16",)  # where `auto` picks mixed_bfloat16 (module docstring)
 CPUINFO = Path("/proc/cpuinfo")
-
+# Layers built with an explicit float32 dtype (probabilities, the classifier's resize): they stay
+# float32 under any policy (`with_policy`).
+FLOAT32_LAYERS = (CLASSIFIER_OUTPUT, SEGMENTER_OUTPUT, RESIZE_NAME)
+_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
+_16_BIT_DTYPES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 
 
 def gpu_available() -> bool:

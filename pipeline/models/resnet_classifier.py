@@ -30,6 +30,7 @@ from pipeline.preprocessing import ClassifierPreprocess
 
 BACKBONE_NAME = "resnet50"
 OUTPUT_NAME = "tumor_probability"
+RESIZE_NAME = "resize"  # kept in float32 under any policy (`precision.FLOAT32_LAYERS`)
 STAGES = (5, 4, 3, 2)  # ResNet50 residual stages from the top; the stem is conv1
 MIN_IMAGE_SIZE = 32  # keras.applications.ResNet50 refuses smaller inputs
 
@@ -51,7 +52,7 @@ def build_classifier(image_size: int = 256, weights: str | os.PathLike | None = 
     weights_path = resolve_backbone_weights(weights)
 
     inputs = keras.Input(shape=(None, None, 3), name="image")
-    x = keras.layers.Resizing(image_size, image_size, name="resize", dtype="float32")(inputs)
+    x = keras.layers.Resizing(image_size, image_size, name=RESIZE_NAME, dtype="float32")(inputs)
     x = ClassifierPreprocess(name="preprocess")(x)
     backbone = keras.applications.ResNet50(include_top=False, weights=weights_path,
                                            input_shape=(image_size, image_size, 3), name=BACKBONE_NAME)
