@@ -24,11 +24,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError
-from pipeline.paths import resolve_cache_dir
+from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
+from .index import index_dataset
 from .tiff_io import read_pair, tiff_shape
 
-__all__ = ["SliceArrays", "load_arrays", "arrays_key"]
+__all__ = ["SliceArrays", "arrays_key", "dataset_images", "load_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +160,12 @@ def load_arrays(
     if arrays is None:
         raise DataError("array cache could not be reopened after building it", [folder])
     return arrays
+
+
+def dataset_images(data_dir: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(index frame of the data root `data_dir` (`resolve_data_dir`), its decoded images aligned
+    with it): both through the caches under `cache_dir`, without progress bars."""
+    cache = resolve_cache_dir(cache_dir)
+    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
+    return index_df, load_arrays(index_df, cache, progress=False).images

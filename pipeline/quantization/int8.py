@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.array_cache import dataset_images
 from pipeline.data.splits import select_positions
 from pipeline.errors import DataError
 from pipeline.inference.backends.base import INT8, OPENVINO
@@ -86,17 +87,6 @@ VARIANTS = {
     "segmenter": ("segmenter",),
     "both": ("classifier", "segmenter"),
 }
-
-
-def _dataset(data_dir: Any, cache_dir: Any) -> tuple[Any, np.ndarray]:
-    """(index frame, decoded images aligned with it) of the data root, read once for every step."""
-    from pipeline.data.array_cache import load_arrays
-    from pipeline.data.index import index_dataset
-    from pipeline.paths import resolve_cache_dir, resolve_data_dir
-
-    cache = resolve_cache_dir(cache_dir)
-    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
-    return index_df, load_arrays(index_df, cache, progress=False).images
 
 
 def _training_slices(index_df: Any, images: np.ndarray, splits: Path, n: int, seed: int) -> np.ndarray:
@@ -255,7 +245,7 @@ def quantize_pair(pair_dir: str | os.PathLike, *, data_dir: Any = None, cache_di
         raise DataError(f"the pair has no split file ({SPLITS_FILE}) to pick training and validation "
                         "patients", [pair_dir])
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="quantize-"))
-    index_df, images = _dataset(data_dir, cache_dir)
+    index_df, images = dataset_images(data_dir, cache_dir)  # read once for every step
     slices = _training_slices(index_df, images, splits, n_calibration, seed)
     log.info("calibration: %d slices of the training patients", len(slices))
     files = _int8_files(pair, source_sums, slices, work)

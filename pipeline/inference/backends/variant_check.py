@@ -4,10 +4,10 @@
 machine has - `f32`, `bf16` where the CPU runs bfloat16 natively, `int8` where the pair ships an
 INT8 IR that belongs to the model file (`pair_artifact.int8_irs`) - and Keras on the same slices:
 the release's deterministic probe (`synthetic_slices.probe_batch`) and the pair's validation
-patients (its `splits.csv`, read through the index and array caches as `pipeline.quantization`
-does). A variant passes with the tolerances of `pipeline.models.agreement` (probabilities within
-`PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels and their Dice against Keras'
-masks >= `MASK_DICE`); for the classifier the
+patients (its `splits.csv`, read through the index and array caches,
+`array_cache.dataset_images`). A variant passes with the tolerances of `pipeline.models.agreement`
+(probabilities within `PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels and
+their Dice against Keras' masks >= `MASK_DICE`); for the classifier the
 result also counts the gate decisions that differ at the pair's threshold (`gate_flips`; the
 probability tolerance lets only slices within it of the threshold flip,
 `gate_flips_beyond_tolerance` counts the others and must be 0). The results are filed in the
@@ -41,15 +41,11 @@ def validation_slices(splits: str | os.PathLike, data_dir: Any = None, cache_dir
     """float32 (N, H, W, 3): `probe_batch` (PROBE_SLICES slices at the data's size), then the
     validation patients' slices of `splits` (every one, or `max_slices` evenly spaced).
     DataError when the split file or the data root does not serve them."""
-    from pipeline.data.array_cache import load_arrays
-    from pipeline.data.index import index_dataset
+    from pipeline.data.array_cache import dataset_images
     from pipeline.data.splits import select_positions
     from pipeline.data.synthetic_slices import probe_batch
-    from pipeline.paths import resolve_cache_dir, resolve_data_dir
 
-    cache = resolve_cache_dir(cache_dir)
-    index_df = index_dataset(resolve_data_dir(data_dir), cache_dir=cache, progress=False)
-    images = load_arrays(index_df, cache, progress=False).images
+    index_df, images = dataset_images(data_dir, cache_dir)
     positions = select_positions(index_df, "val", splits)
     if max_slices is not None and len(positions) > max_slices:
         positions = positions[np.linspace(0, len(positions) - 1, max_slices).round().astype(int)]
