@@ -181,7 +181,7 @@ def _agreement(entry: IREntry, model: Any, precision: str) -> dict[str, Any]:
     known = entry.manifest.get("agreement", {}).get(precision)
     if isinstance(known, dict) and "ok" in known:
         return known
-    runner = OpenVINORunner(entry.xml, precision, entry.compiled_dir, entry=entry)
+    runner = variant_runner(entry, precision)
     result = check_agreement(model, runner.predict_on_batch)
     entry.record("agreement", {precision: result})
     return result
@@ -216,7 +216,7 @@ def _unrecorded_choice(entry: IREntry, model: Any) -> str:
         chosen, record["reason"] = "bf16", "AMX"
     else:
         x = model_probe(model)
-        rates = {p: _rate(OpenVINORunner(entry.xml, p, entry.compiled_dir, entry=entry), x)
+        rates = {p: _rate(variant_runner(entry, p), x)
                  for p in PRECISIONS}
         chosen = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["f32"] else "f32"
         record["slices_per_s"] = {p: round(r, 1) for p, r in rates.items()}
@@ -352,7 +352,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
     chosen = choose_variant(entry, model, precision, variants, int8_xml)
     if chosen == INT8:
         return variant_runner(entry, INT8, int8_xml)
-    runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
+    runner = variant_runner(entry, chosen)
     if check and not exported:  # `check=False` (benchmarks) skips the probe with the export check
         probe = probe_on_load(runner, model, entry)
         if not probe["ok"]:
@@ -361,7 +361,7 @@ def openvino_runner(model: Any, *, sha256: str | None = None, precision: str = A
             entry.discard()
             entry, _ = _cached(model, key, cache_dir)
             chosen = choose_variant(entry, model, precision, variants, None)
-            runner = OpenVINORunner(entry.xml, chosen, entry.compiled_dir, entry=entry)
+            runner = variant_runner(entry, chosen)
     if check:
         result = _agreement(entry, model, chosen)
         if not result["ok"]:

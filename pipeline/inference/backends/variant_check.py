@@ -86,18 +86,18 @@ def variant_result(reference: np.ndarray, candidate: np.ndarray, cpu: str, files
 def _runners(role: str, model: Any, sums: dict[str, str], int8: dict[str, Path], meta: dict[str, Any],
              cache_dir: Any) -> dict[str, tuple[Any, dict[str, str]]]:
     """{variant: (runner, files_sha256)} of `model` on this machine."""
-    from pipeline.inference.backends.openvino_runner import OpenVINORunner, _cached, native_bf16
+    from pipeline.inference.backends.openvino_runner import _cached, native_bf16, variant_runner
     from pipeline.models.pair_artifact import INT8_KEY, MODEL_ROLES
 
     name = MODEL_ROLES[role]
     entry, _ = _cached(model, sums[name], cache_dir)
     files = {name: sums[name]}
-    runners = {"f32": (OpenVINORunner(entry.xml, "f32", entry.compiled_dir, entry=entry), files)}
+    runners = {"f32": (variant_runner(entry, "f32"), files)}
     if native_bf16():
-        runners["bf16"] = (OpenVINORunner(entry.xml, "bf16", entry.compiled_dir, entry=entry), files)
+        runners["bf16"] = (variant_runner(entry, "bf16"), files)
     if role in int8:
         shipped = meta[INT8_KEY][role]
-        runners["int8"] = (OpenVINORunner(int8[role], "f32", entry.compiled_dir, label="int8", entry=entry),
+        runners["int8"] = (variant_runner(entry, "int8", int8[role]),
                            {**files, **{shipped[k]: sums[shipped[k]] for k in ("xml", "bin")}})
     return runners
 
