@@ -11,6 +11,7 @@ The classifier, operating point, split and config are the first run's
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = save_ensemble_pair(args.runs, args.out)
     except (DataError, ValueError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"ensemble pair of {len(args.runs)} segmenters: {out}")
     return 0
