@@ -176,6 +176,25 @@ def test_the_pooled_calibration_grid_weights_each_fold_by_its_patients(tmp_path)
     assert at[-1] == pytest.approx((3 * 0.6 + 0.4) / 4)
     assert pooled["fp_px"].iloc[0] == 20.0
     assert choose_point(pooled)["threshold"] == 0.5  # 0.75 beats 0.65; fold 1's lone 0.99 does not count
+    assert set(pooled["seg_threshold"]) == {0.5}  # grids from before the mask threshold was searched
+
+
+def test_the_pooled_grid_keeps_each_mask_threshold_apart(tmp_path):
+    from pipeline.evaluation.cross_validation import pooled_grid
+    from pipeline.training.calibration import choose_point
+
+    variant = tmp_path / "variant"
+    _fake_fold(variant, 0, ["A", "B"], [0.9, 0.8], [0.5], [True] * 2)
+    _fake_fold(variant, 1, ["C"], [0.5], [0.5], [True])
+    point = {"threshold": 0.25, "neighbour_weight": 0.0, "min_component_px": 30, "min_volume_px": 800,
+             "fp_px": 1.0, "fn_px": 1.0, "flagged_slices": 1}
+    for k, dice in ((0, {0.4: 0.80, 0.5: 0.70}), (1, {0.4: 0.50, 0.5: 0.95})):
+        rows = [{**point, "seg_threshold": t, "mean_patient_dice": d} for t, d in dice.items()]
+        pd.DataFrame(rows).to_csv(variant / f"fold{k}" / "calibration_grid.csv", index=False)
+    pooled = pooled_grid(variant).set_index("seg_threshold")["mean_patient_dice"]
+    assert pooled[0.4] == pytest.approx((2 * 0.8 + 0.5) / 3)
+    assert pooled[0.5] == pytest.approx((2 * 0.7 + 0.95) / 3)
+    assert choose_point(pooled_grid(variant))["seg_threshold"] == 0.5
 
 
 FIXED_POINT = ("calibration.fixed={threshold: 0.3, seg_threshold: 0.5, min_component_px: 10, "

@@ -49,7 +49,7 @@ def test_two_patients_are_never_merged():
     masks[1, 2:5, 2:5] = masks[2, 2:5, 2:5] = 1  # 9 px in A's last slice, 9 in B's first
     gt = masks.copy()
     ids = np.array(["A", "A", "B", "B"])
-    grid = volume_grid(np.ones(4), {0: masks}, gt, ids, thresholds=(0.5,), min_volume_px=(0, 10, 18))
+    grid = volume_grid(np.ones(4), {(0.5, 0): masks}, gt, ids, thresholds=(0.5,), min_volume_px=(0, 10, 18))
     gated = grid[grid["threshold"].notna()].set_index("min_volume_px")["mean_patient_dice"]
     assert gated[0] == 1.0 and gated[10] == 0.0  # each patient's part is 9 voxels: dropped at 10
     assert gated[18] == 0.0  # merged across the boundary it would have been 18 voxels and kept
@@ -87,7 +87,7 @@ def test_calibration_picks_the_3d_filter_that_removes_isolated_false_positives()
     pred = gt.copy()
     pred[5, 12:14, 12:14] = 1  # a 4-voxel speck on a normal slice
     probs = np.array([0.1, 0.9, 0.9, 0.9, 0.1, 0.9])
-    result = calibrate_from_predictions(probs, {0: pred}, gt, np.array(["A"] * 6), thresholds=(0.5,),
+    result = calibrate_from_predictions(probs, {(0.5, 0): pred}, gt, np.array(["A"] * 6), thresholds=(0.5,),
                                         min_volume_px=(0, 10))
     assert result.params.min_volume_px == 10 and result.val_patient_dice == 1.0
 

@@ -173,7 +173,8 @@ def test_calibration_picks_the_best_threshold_and_breaks_ties_towards_half():
     pred[3, :, :] = 1  # patient B (no tumour): the segmenter paints a whole slice
     probs = np.array([0.9, 0.35, 0.2, 0.6])
     patients = np.array(["A", "A", "B", "B"])
-    grid, best = search_operating_point(probs, {0: pred}, gt, patients, thresholds=(0.1, 0.3, 0.5, 0.7, 0.95))
+    grid, best = search_operating_point(probs, {(0.5, 0): pred}, gt, patients,
+                                        thresholds=(0.1, 0.3, 0.5, 0.7, 0.95))
     # t=0.7: A perfect (Dice 1) and B empty/empty (1) -> mean 1.0; only 0.7 achieves it
     assert best["threshold"] == 0.7 and best["mean_patient_dice"] == 1.0
     by_t = grid.dropna().set_index("threshold")["mean_patient_dice"]
@@ -185,7 +186,8 @@ def test_calibration_picks_the_best_threshold_and_breaks_ties_towards_half():
 
     # equal scores everywhere: the threshold closest to 0.5 wins
     _, tie = search_operating_point(
-        np.array([0.9, 0.9]), {0: gt[:2]}, gt[:2], np.array(["A", "A"]), thresholds=(0.2, 0.45, 0.6, 0.8)
+        np.array([0.9, 0.9]), {(0.5, 0): gt[:2]}, gt[:2], np.array(["A", "A"]),
+        thresholds=(0.2, 0.45, 0.6, 0.8)
     )
     assert tie["threshold"] == 0.45
 
@@ -262,13 +264,54 @@ def test_recalibrate_pair_rewrites_only_the_operating_point(tiny_pair, synthetic
     before = read_pair_meta(pair)
     config = load_config(presets=[QUICK_PRESET], overrides=[
         f"data.data_dir={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
-        f"data.splits={tmp_path / 'splits.csv'}"])
+        f"data.splits={tmp_path / 'splits.csv'}", "calibration.mask_threshold=[0.4, 0.5]"])
     result = recalibrate_pair(pair, config, batch_size=8)
     after = read_pair_meta(pair)
     assert after.point == result.params and isinstance(after.point, OperatingPoint)
     assert after.point.threshold in config.calibration.thresholds
+    assert set(result.grid["seg_threshold"]) == {0.4, 0.5} and after.point.seg_threshold in (0.4, 0.5)
     assert after.sha256 == before.sha256 and after.tile_size == before.tile_size
     assert after.extra["validation"]["val_mean_patient_dice"] == result.val_patient_dice
     assert (pair / "calibration_grid.csv").is_file()
     assert json.loads((pair / "pipeline.json").read_text())["calibration"]["thresholds"] == list(
         config.calibration.thresholds)
+
+
+def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(tiny_pair, tmp_path):
+    """`calibrate --set calibration.fixed=...`: the point is written as given, marked fixed, the
+    model sums kept and the pair still verifies; a pair whose files changed is not re-signed."""
+    from pipeline.errors import DataError
+    from pipeline.models.pair_artifact import read_pair_meta
+    from pipeline.postprocessing import OperatingPoint
+    from pipeline.training.calibration import set_operating_point
+    from tests.model_helpers import copy_pair
+
+    pair = copy_pair(tiny_pair, tmp_path / "pair")
+    before = read_pair_meta(pair)
+    point = OperatingPoint(threshold=0.25, seg_threshold=0.4, min_component_px=30, min_volume_px=800)
+    set_operating_point(pair, point)
+    after = read_pair_meta(pair)
+    assert after.point == point and after.extra["validation"]["fixed"] is True
+    assert after.sha256 == before.sha256
+    with open(pair / "segmenter.keras", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DataError):
+        set_operating_point(pair, OperatingPoint(threshold=0.5))
+    assert read_pair_meta(pair, allow_unverified=True).point == point
+
+
+def test_calibration_searches_the_mask_threshold_when_given_several():
+    """An averaged (ensemble) probability map that sits at 0.4 on half the tumour: a 0.35 mask
+    threshold finds it all, 0.5 only half; the grid records each threshold and the chosen one wins."""
+    from pipeline.training.calibration import calibrate_from_predictions
+
+    gt = np.zeros((2, 8, 8), np.uint8)
+    gt[0, 2:6, 2:6] = 1
+    prob = np.zeros((2, 8, 8))
+    prob[0, 2:6, 2:4], prob[0, 2:6, 4:6] = 0.9, 0.4
+    masks = {(t, 0): (prob > t).astype(np.uint8) for t in (0.35, 0.5)}
+    result = calibrate_from_predictions(np.array([0.9, 0.1]), masks, gt, np.array(["A", "A"]),
+                                        thresholds=(0.5,))
+    assert result.params.seg_threshold == 0.35 and result.val_patient_dice == 1.0
+    at = result.grid[result.grid["threshold"].notna()].set_index("seg_threshold")["mean_patient_dice"]
+    assert at[0.5] == pytest.approx(2 * 8 / (8 + 16))

@@ -182,6 +182,18 @@ def test_a_variant_result_applies_the_agreement_tolerances():
         variant_result(maps, flipped, "vnni", {"segmenter.keras": "e" * 64}))
 
 
+def test_a_segmenter_variant_is_compared_at_the_pairs_mask_threshold():
+    """A pair thresholding masks at 0.4: a variant whose pixels sit at 0.45 where Keras has 0.55
+    gives the same masks there, and different ones at 0.5."""
+    maps = np.zeros((1, 10, 10, 1), np.float32)
+    maps[0, :5] = 0.55
+    shifted = maps.copy()
+    shifted[0, :5] = 0.45
+    at_pair = variant_result(maps, shifted, "amx", {"segmenter.keras": "e" * 64}, threshold=0.4)
+    assert at_pair["ok"] and at_pair["threshold"] == 0.4 and "gate_flips" not in at_pair
+    assert not variant_result(maps, shifted, "amx", {"segmenter.keras": "e" * 64})["ok"]
+
+
 def test_a_segmenter_variant_must_keep_the_tumour_not_only_the_pixels():
     """INT8 on release 0.3.0: 99.93 % of the pixels agreed, validation Dice fell by 0.028. A small
     tumour mostly lost is a small share of the pixels but not of the mask's Dice."""

@@ -1,10 +1,14 @@
-"""`calibrate`: re-choose a saved pair's operating point (gate, 2D and 3D post-processing) on the
-validation patients, and rewrite its `pipeline.json`.
+"""`calibrate`: re-choose a saved pair's operating point (gate, mask threshold, 2D and 3D
+post-processing) on the validation patients, and rewrite its `pipeline.json`.
 
     python -m pipeline calibrate --run runs/<timestamp>      # the run's pair, the run's config
     python -m pipeline calibrate --models /tmp/pair --data-dir DATA
+    python -m pipeline calibrate --models models --set "calibration.fixed={threshold: 0.25, \
+        seg_threshold: 0.4, min_component_px: 30, min_volume_px: 800}"
 
-Only the validation patients of the split file are used (never the test patients).
+Only the validation patients of the split file are used (never the test patients). With
+`calibration.fixed` (e.g. the point the pooled out-of-fold grid chose, for a pair retrained on
+every fold) that point is written as it is, nothing searched.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.arguments import resolve_pair_args
     from pipeline.errors import DataError
-    from pipeline.training.calibration import recalibrate_pair
+    from pipeline.postprocessing import OperatingPoint
+    from pipeline.training.calibration import recalibrate_pair, set_operating_point
     from pipeline.training.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -40,12 +45,18 @@ def run(args: argparse.Namespace) -> int:
         pair_dir = source.pair_dir
         run_config = Path(source.run_dir) / "config.yaml" if source.run_dir else None
         config_file = run_config if run_config is not None and run_config.is_file() else args.config
-        result = recalibrate_pair(pair_dir, load_config(config_file, [], overrides))
-    except DataError as exc:
+        config = load_config(config_file, [], overrides)
+        if config.calibration.fixed is not None:
+            point = set_operating_point(pair_dir, OperatingPoint(**config.calibration.fixed))
+            print(f"{pair_dir}: operating point fixed (not searched): {point}")
+            return 0
+        result = recalibrate_pair(pair_dir, config)
+    except (DataError, ValueError, TypeError) as exc:
         logging.getLogger(__name__).error("%s", exc)
         return 2
     p = result.params
-    print(f"{pair_dir}: threshold {p.threshold:.2f}, neighbour_weight {p.neighbour_weight}, min_component_px "
+    print(f"{pair_dir}: threshold {p.threshold:.2f}, neighbour_weight {p.neighbour_weight}, seg_threshold "
+          f"{p.seg_threshold:.2f}, min_component_px "
           f"{p.min_component_px}, min_volume_px {p.min_volume_px} -> validation mean per-patient Dice "
           f"{result.val_patient_dice:.4f} (segmenter alone {result.segmenter_only_patient_dice:.4f})")
     return 0

@@ -103,7 +103,8 @@ def epoch_curve(variant: str | os.PathLike, monitor: str = "val_patient_dice") -
     return table
 
 
-GRID_KEYS = ["threshold", "neighbour_weight", "min_component_px", "min_volume_px"]
+GRID_KEYS = ["threshold", "neighbour_weight", "seg_threshold", "min_component_px", "min_volume_px"]
+LEGACY_SEG_THRESHOLD = 0.5  # grids written before the mask threshold was searched were all made at 0.5
 
 
 def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
@@ -118,6 +119,8 @@ def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
     grids = []
     for fold in fold_dirs(variant):
         grid = pd.read_csv(fold / "calibration_grid.csv")
+        if "seg_threshold" not in grid:
+            grid["seg_threshold"] = LEGACY_SEG_THRESHOLD
         splits = load_splits(fold / SPLITS_FILE)
         grids.append(grid.assign(_n=int((splits["split"] == "val").sum())))
     table = pd.concat(grids, ignore_index=True)

@@ -58,8 +58,9 @@ def model_probe(model: Any, n: int = PROBE_SLICES, size: int = 256) -> np.ndarra
     return np.stack(slices)[:, :height, :width].astype(np.float32)
 
 
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    """Compare two outputs of one model -> {"kind", "max_abs_diff", "mask_agreement", "ok"}."""
+def agreement(reference: np.ndarray, candidate: np.ndarray, cut: float = MASK_PROBABILITY) -> dict[str, Any]:
+    """Compare two outputs of one model -> {"kind", "max_abs_diff", "mask_agreement", "ok"}; maps'
+    masks are taken at `cut` (the pair's mask threshold where it is known)."""
     reference = np.asarray(reference, np.float32)
     candidate = np.asarray(candidate, np.float32)
     if reference.shape != candidate.shape:
@@ -67,7 +68,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     diff = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
     if reference.ndim <= 2:  # one probability per slice
         return {"kind": "probability", "max_abs_diff": diff, "ok": diff <= PROBABILITY_TOL}
-    share = mask_agreement(reference, candidate)
+    share = mask_agreement(reference, candidate, cut)
     return {"kind": "map", "max_abs_diff": diff, "mask_agreement": share, "ok": share >= MASK_AGREEMENT}
 
 

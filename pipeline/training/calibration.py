@@ -5,13 +5,16 @@ masks (`pipeline.postprocessing`). Calibration searches, on the VALIDATION patie
 (never the test patients), the grid
 
 * ``threshold``: classifier probability at or above which a slice is segmented;
+* ``seg_threshold``: segmenter probability above which a pixel is tumour (one value, or several:
+  an ensemble's averaged probability sits lower than a single model's where only some members fire);
 * ``neighbour_weight``: the volume-aware gate (a slice scores ``max(p, w * max neighbour p)``);
 * ``min_component_px``: 2D components dropped below this size;
 * ``min_volume_px``: 3D components (over a patient's adjacent slices) dropped below this size,
 
 and keeps the point with the highest mean per-patient volume Dice of the end-to-end pipeline
 run on each patient as a volume (`TumorPipeline.predict_volume`). Ties go to the threshold
-closer to 0.5, then to the plainer post-processing (smaller weight, volume, component).
+closer to 0.5, then the mask threshold closer to 0.5, then to the plainer post-processing
+(smaller weight, volume, component).
 Per-patient Dice follows `pipeline.metrics`: TP/FP/FN summed over the patient's slices, and a
 patient with no tumour and no predicted pixel scores 1 (empty="one").
 
@@ -84,24 +87,30 @@ class CalibrationResult:
         }
 
 
+MaskKey = tuple[float, int]  # (seg_threshold, min_component_px) of a set of segmenter masks
+
+
 def predict_slices(
-    pipe: TumorPipeline, images: np.ndarray, min_component_px: tuple[int, ...], chunk: int = 64
-) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    pipe: TumorPipeline, images: np.ndarray, min_component_px: tuple[int, ...],
+    seg_thresholds: tuple[float, ...] | None = None, chunk: int = 64,
+) -> tuple[np.ndarray, dict[MaskKey, np.ndarray]]:
     """Run both models of `pipe` on every raw uint8 slice (N, H, W, 3), ungated.
 
-    Returns the classifier probabilities (N,) and, for each `min_component_px`, the segmenter
-    masks (N, H, W) uint8 0/1 after the 2D post-processing (`postprocess_mask`). Works
-    through `chunk` slices at a time so only masks, not float maps, are kept.
+    Returns the classifier probabilities (N,) and, for each (mask threshold, `min_component_px`)
+    - the thresholds `seg_thresholds`, default the pipeline's own - the segmenter masks
+    (N, H, W) uint8 0/1 after the 2D post-processing (`postprocess_mask`). Works through
+    `chunk` slices at a time so only masks, not float maps, are kept.
     """
     n = len(images)
+    keys = [(float(t), int(m)) for t in (seg_thresholds or (pipe.seg_threshold,)) for m in min_component_px]
     probs = np.zeros(n, dtype=np.float64)
-    masks = {m: np.zeros(images.shape[:3], dtype=np.uint8) for m in min_component_px}
+    masks = {key: np.zeros(images.shape[:3], dtype=np.uint8) for key in keys}
     for start in range(0, n, chunk):
         batch = [np.asarray(im) for im in images[start : start + chunk]]
         probs[start : start + len(batch)] = pipe.classify(batch)
         for k, prob_map in enumerate(pipe.segment_probabilities(batch)):
-            for m in min_component_px:
-                masks[m][start + k] = postprocess_mask(prob_map, pipe.seg_threshold, m)
+            for t, m in keys:
+                masks[(t, m)][start + k] = postprocess_mask(prob_map, t, m)
     return probs, masks
 
 
@@ -116,7 +125,7 @@ def _component_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.
 
 def volume_grid(
     probs: np.ndarray,
-    masks_by_min_px: dict[int, np.ndarray],
+    masks: dict[MaskKey, np.ndarray],
     gt_masks: np.ndarray,
     volume_ids: np.ndarray,
     thresholds: tuple[float, ...],
@@ -125,8 +134,8 @@ def volume_grid(
 ) -> pd.DataFrame:
     """Mean per-patient Dice for every grid point (module doc); one row per point.
 
-    `probs` (N,), `masks_by_min_px` {min_component_px: (N, H, W) 0/1 segmenter masks of every
-    slice}, `gt_masks` (N, H, W), `volume_ids` (N,): the patient (study) of each slice, whose
+    `probs` (N,), `masks` {(seg_threshold, min_component_px): (N, H, W) 0/1 segmenter masks of
+    every slice}, `gt_masks` (N, H, W), `volume_ids` (N,): the patient (study) of each slice, whose
     slices must be contiguous and in slice order. Rows with threshold NaN are the segmenter
     alone (every slice segmented) with the same 2D/3D post-processing.
     """
@@ -136,8 +145,8 @@ def volume_grid(
     gt_total = [int(gt[idx].sum()) for idx in spans]
     vols = sorted({int(v) for v in min_volume_px})
     rows = []
-    for mcp in sorted(masks_by_min_px):
-        pred_all = np.asarray(masks_by_min_px[mcp]) > 0
+    for seg_t, mcp in sorted(masks):
+        pred_all = np.asarray(masks[(seg_t, mcp)]) > 0
         cache: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
         points = [(None, 0.0)] + [(float(t), float(w)) for w in sorted(set(neighbour_weights))
                                   for t in sorted(set(thresholds))]
@@ -162,6 +171,7 @@ def volume_grid(
                 rows.append({
                     "threshold": t if t is not None else np.nan,
                     "neighbour_weight": w,
+                    "seg_threshold": float(seg_t),
                     "min_component_px": int(mcp),
                     "min_volume_px": int(v),
                     "mean_patient_dice": float(np.mean(dice)),
@@ -176,10 +186,11 @@ def choose_point(grid: pd.DataFrame) -> pd.Series:
     """The best gated row of `volume_grid` under the tie rule of the module doc."""
     gated = grid[grid["threshold"].notna()].copy()
     gated["_dist"] = (gated["threshold"] - 0.5).abs().round(9)
+    gated["_seg_dist"] = (gated["seg_threshold"] - 0.5).abs().round(9)
     gated["_score"] = gated["mean_patient_dice"].round(9)
-    order = ["_score", "_dist", "neighbour_weight", "min_volume_px", "min_component_px"]
-    best = gated.sort_values(order, ascending=[False, True, True, True, True]).iloc[0]
-    return best.drop(["_dist", "_score"])
+    order = ["_score", "_dist", "_seg_dist", "neighbour_weight", "min_volume_px", "min_component_px"]
+    best = gated.sort_values(order, ascending=[False, True, True, True, True, True]).iloc[0]
+    return best.drop(["_dist", "_seg_dist", "_score"])
 
 
 def classifier_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -203,7 +214,7 @@ def calibrate(
     volume_ids: np.ndarray,
     thresholds: tuple[float, ...],
     min_component_px: tuple[int, ...] = (0,),
-    seg_threshold: float = 0.5,
+    seg_threshold: float | tuple[float, ...] = 0.5,
     batch_size: int = 16,
     neighbour_weights: tuple[float, ...] = (0.0,),
     min_volume_px: tuple[int, ...] = (0,),
@@ -213,37 +224,39 @@ def calibrate(
     `images` raw uint8 (N, H, W, 3), `gt_masks` 0/1 (N, H, W), `volume_ids` (N,): every slice
     of the validation patients, tumour or not, each patient's slices contiguous and in slice
     order (the index order). The models run inside a `TumorPipeline`, so the gate and the
-    post-processing are exactly those of inference and evaluation.
+    post-processing are exactly those of inference and evaluation. `seg_threshold`: one mask
+    threshold or several to search.
     """
     images = np.asarray(images)
-    pipe = TumorPipeline(classifier, segmenter, seg_threshold=seg_threshold,
+    seg_thresholds = tuple(sorted({float(t) for t in np.atleast_1d(seg_threshold)}))
+    pipe = TumorPipeline(classifier, segmenter, seg_threshold=seg_thresholds[0],
                          tile_size=int(images.shape[1]), batch_size=batch_size)
     mcps = tuple(sorted({int(m) for m in min_component_px}))
-    probs, masks = predict_slices(pipe, images, mcps)
-    return calibrate_from_predictions(probs, masks, gt_masks, volume_ids, thresholds, seg_threshold,
-                                      neighbour_weights, min_volume_px)
+    probs, masks = predict_slices(pipe, images, mcps, seg_thresholds)
+    return calibrate_from_predictions(probs, masks, gt_masks, volume_ids, thresholds, neighbour_weights,
+                                      min_volume_px)
 
 
 def calibrate_from_predictions(
     probs: np.ndarray,
-    masks_by_min_px: dict[int, np.ndarray],
+    masks: dict[MaskKey, np.ndarray],
     gt_masks: np.ndarray,
     volume_ids: np.ndarray,
     thresholds: tuple[float, ...],
-    seg_threshold: float = 0.5,
     neighbour_weights: tuple[float, ...] = (0.0,),
     min_volume_px: tuple[int, ...] = (0,),
 ) -> CalibrationResult:
-    """`calibrate` after the models have run: `volume_grid`, `choose_point`, the validation numbers."""
-    grid = volume_grid(probs, masks_by_min_px, gt_masks, volume_ids, thresholds, neighbour_weights,
-                       min_volume_px)
+    """`calibrate` after the models have run (`masks` as in `volume_grid`): `volume_grid`,
+    `choose_point`, the validation numbers."""
+    grid = volume_grid(probs, masks, gt_masks, volume_ids, thresholds, neighbour_weights, min_volume_px)
     best = choose_point(grid)
     params = OperatingPoint(
-        threshold=float(best["threshold"]), seg_threshold=float(seg_threshold),
+        threshold=float(best["threshold"]), seg_threshold=float(best["seg_threshold"]),
         min_component_px=int(best["min_component_px"]), min_volume_px=int(best["min_volume_px"]),
         neighbour_weight=float(best["neighbour_weight"]),
     )
-    alone = grid[grid["threshold"].isna() & (grid["min_component_px"] == params.min_component_px)
+    alone = grid[grid["threshold"].isna() & (grid["seg_threshold"] == params.seg_threshold)
+                 & (grid["min_component_px"] == params.min_component_px)
                  & (grid["min_volume_px"] == params.min_volume_px)]
     labels = np.asarray(gt_masks).reshape(len(gt_masks), -1).any(axis=1)
     result = CalibrationResult(
@@ -289,7 +302,6 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
     from pathlib import Path
 
     from pipeline.models.model_io import load_pair
-    from pipeline.models.pair_artifact import write_pair_meta
     from pipeline.training.data_prep import prepare_data
 
     pair_dir = Path(pair_dir)
@@ -297,9 +309,37 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
     cal = config.calibration
     result = calibrate_on_validation(pair.classifier, pair.segmenter, prepare_data(config.data), cal,
                                      pair_dir / "calibration_grid.csv", batch_size)
-    meta = dict(pair.meta)
-    meta.update(result.params.to_json())
-    meta["validation"] = {**(meta.get("validation") or {}), **result.to_json()}
-    meta["calibration"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cal).items()}
-    write_pair_meta(pair_dir, meta)  # validated, model sums kept, paths made portable
+    calibration = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cal).items()}
+    _write_point(pair_dir, pair.meta, result.params, {**result.to_json()}, calibration=calibration)
     return result
+
+
+def set_operating_point(pair_dir, point: OperatingPoint) -> OperatingPoint:
+    """Write `point` as the operating point of the pair in `pair_dir` without a search - e.g. the
+    one chosen on pooled out-of-fold predictions for a pair retrained on every fold - and mark it
+    `fixed` in its validation record. The model files and their sums stay; a pair whose files do
+    not match its sums is refused (DataError). Returns `point`."""
+    from pathlib import Path
+
+    from pipeline.errors import DataError
+    from pipeline.io_utils import sha256_of
+    from pipeline.models.pair_artifact import MODEL_FILES, read_pair_meta, read_pair_record
+
+    pair_dir = Path(pair_dir)
+    artifact = read_pair_meta(pair_dir)  # never re-sign a tampered pair: its record, then its models
+    changed = [name for name in MODEL_FILES if sha256_of(pair_dir / name) != artifact.sha256.get(name)]
+    if changed:
+        raise DataError(f"sha256 mismatch: {', '.join(changed)} changed after the pair was saved; "
+                        "the operating point is not rewritten", [pair_dir / changed[0]])
+    _write_point(pair_dir, read_pair_record(pair_dir), point, {**point.to_json(), "fixed": True})
+    return point
+
+
+def _write_point(pair_dir, meta, point: OperatingPoint, validation: dict[str, Any], **extra: Any) -> None:
+    from pipeline.models.pair_artifact import write_pair_meta
+
+    meta = dict(meta)
+    meta.update(point.to_json())
+    meta["validation"] = {**(meta.get("validation") or {}), **validation}
+    meta.update(extra)
+    write_pair_meta(pair_dir, meta)  # validated, model sums kept, paths made portable

@@ -171,7 +171,7 @@ class CalibrationConfig:
     min_component_px: tuple[int, ...] = (0, 10, 30, 60)
     min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400, 800)
     neighbour_weights: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
-    mask_threshold: float = 0.5
+    mask_threshold: float | tuple[float, ...] = 0.5  # segmenter probability -> mask; a list is searched too
     # An operating point used as it is instead of the grid search (the `OperatingPoint` fields);
     # required when no patient validates (data.fold: all), e.g. the one the folds chose.
     fixed: dict[str, float] | None = None

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.models.agreement import MASK_DICE, PROBABILITY_TOL, agreement, mask_dice
+from pipeline.models.agreement import MASK_DICE, MASK_PROBABILITY, PROBABILITY_TOL, agreement, mask_dice
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,20 @@ def gate_flips(reference: np.ndarray, candidate: np.ndarray, threshold: float) -
 def variant_result(reference: np.ndarray, candidate: np.ndarray, cpu: str, files_sha256: dict[str, str],
                    threshold: float | None = None) -> dict[str, Any]:
     """The record of one variant (`pipeline.models.variant_record`): `agreement` of its outputs
-    with Keras', the slices, the CPU class, the files it ran, and for a classifier (`threshold`
-    given) `gate_flips`."""
-    result = agreement(reference, candidate)
-    if result["kind"] == "map":  # and the tumour itself, not only the pixels (`agreement.MASK_DICE`)
-        result["mask_dice"] = mask_dice(reference, candidate)
+    with Keras', the slices, the CPU class, the files it ran. `threshold`: the pair's threshold on
+    this output, recorded - for a classifier the gate (`gate_flips` counted there), for a
+    segmenter the mask threshold (the masks compared there; default `MASK_PROBABILITY`)."""
+    is_map = np.ndim(reference) > 2
+    cut = MASK_PROBABILITY if threshold is None or not is_map else float(threshold)
+    result = agreement(reference, candidate, cut)
+    if is_map:  # and the tumour itself, not only the pixels (`agreement.MASK_DICE`)
+        result["mask_dice"] = mask_dice(reference, candidate, cut)
         result["ok"] = bool(result["ok"] and result["mask_dice"] >= MASK_DICE)
     result.update(n_slices=int(len(reference)), cpu=cpu, files_sha256=dict(files_sha256))
     if threshold is not None:
-        result.update(threshold=float(threshold), **gate_flips(reference, candidate, threshold))
+        result["threshold"] = float(threshold)
+        if not is_map:
+            result.update(gate_flips(reference, candidate, threshold))
     return result
 
 
@@ -147,8 +152,9 @@ def check_pair_variants(pair_dir: str | os.PathLike, *, data_dir: Any = None, ca
     int8 = int8_irs(pair_dir, meta, model_sums(meta["sha256"]))
     cpu = cpu_class()
     results = {}
-    for role, model, threshold in (("classifier", pair.classifier, pair.artifact.point.threshold),
-                                   ("segmenter", pair.segmenter, None)):
+    point = pair.artifact.point
+    for role, model, threshold in (("classifier", pair.classifier, point.threshold),
+                                   ("segmenter", pair.segmenter, point.seg_threshold)):
         runners = _runners(role, model, meta["sha256"], int8, meta, openvino_cache)
         results[role] = _check_model(role, model, x, runners, cpu, threshold)
     if write:
