@@ -293,11 +293,17 @@ def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(ti
     after = read_pair_meta(pair)
     assert after.point == point and after.extra["validation"]["fixed"] is True
     assert after.sha256 == before.sha256
+    from pipeline.cli import main
+
+    fixed = "calibration.fixed={threshold: 0.3, seg_threshold: 0.35, min_component_px: 10, min_volume_px: 50}"
+    assert main(["calibrate", "--models", str(pair), "--set", fixed]) == 0
+    assert read_pair_meta(pair).point == OperatingPoint(0.3, 0.35, 10, 50)
     with open(pair / "segmenter.keras", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(DataError):
-        set_operating_point(pair, OperatingPoint(threshold=0.5))
-    assert read_pair_meta(pair, allow_unverified=True).point == point
+        set_operating_point(pair, point)
+    assert main(["calibrate", "--models", str(pair), "--set", fixed.replace("0.35", "1.5")]) == 2
+    assert read_pair_meta(pair, allow_unverified=True).point == OperatingPoint(0.3, 0.35, 10, 50)
 
 
 def test_calibration_searches_the_mask_threshold_when_given_several():
