@@ -292,7 +292,8 @@ def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(ti
     set_operating_point(pair, point)
     after = read_pair_meta(pair)
     assert after.point == point and after.extra["validation"]["fixed"] is True
-    assert after.sha256 == before.sha256
+    assert "val_mean_patient_dice" not in after.extra["validation"]  # the old search's numbers go
+    assert after.extra["calibration"] == {"fixed": point.to_json()} and after.sha256 == before.sha256
     from pipeline.cli import main
 
     fixed = "calibration.fixed={threshold: 0.3, seg_threshold: 0.35, min_component_px: 10, min_volume_px: 50}"
@@ -302,7 +303,7 @@ def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(ti
         fh.write(b"\0")
     with pytest.raises(DataError):
         set_operating_point(pair, point)
-    assert main(["calibrate", "--models", str(pair), "--set", fixed.replace("0.35", "1.5")]) == 2
+    assert main(["calibrate", "--models", str(pair), "--set", fixed.replace("0.35", "0.45")]) == 2
     assert read_pair_meta(pair, allow_unverified=True).point == OperatingPoint(0.3, 0.35, 10, 50)
 
 
@@ -321,3 +322,25 @@ def test_calibration_searches_the_mask_threshold_when_given_several():
     assert result.params.seg_threshold == 0.35 and result.val_patient_dice == 1.0
     at = result.grid[result.grid["threshold"].notna()].set_index("seg_threshold")["mean_patient_dice"]
     assert at[0.5] == pytest.approx(2 * 8 / (8 + 16))
+
+
+def test_mask_threshold_ties_go_to_half_and_the_gate_decides_first():
+    from pipeline.training.calibration import calibrate_from_predictions, choose_point, volume_grid
+
+    gt = np.zeros((2, 4, 4), np.uint8)
+    gt[0, :2, :2] = 1
+    masks = {(t, 0): gt.copy() for t in (0.4, 0.5, 0.6)}  # every mask threshold gives the same masks
+    result = calibrate_from_predictions(np.array([0.9, 0.1]), masks, gt, np.array(["A", "A"]),
+                                        thresholds=(0.5,))
+    assert result.params.seg_threshold == 0.5
+    grid = volume_grid(np.array([0.9, 0.1]), {(0.4, 0): gt, (0.5, 0): gt}, gt, np.array(["A", "A"]),
+                       thresholds=(0.3, 0.45))
+    assert tuple(choose_point(grid)[["threshold", "seg_threshold"]]) == (0.45, 0.5)
+
+
+@pytest.mark.parametrize("value", ["[]", "[0.5, 1.5]", "0.0", "-2"])
+def test_a_mask_threshold_outside_0_1_is_a_config_error(value):
+    from pipeline.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="calibration.mask_threshold"):
+        load_config(overrides=[f"calibration.mask_threshold={value}"])

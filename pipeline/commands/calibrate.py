@@ -34,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.arguments import resolve_pair_args
     from pipeline.errors import DataError
-    from pipeline.postprocessing import OperatingPoint
     from pipeline.training.calibration import recalibrate_pair, set_operating_point
     from pipeline.training.config import load_config
 
@@ -47,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
         config_file = run_config if run_config is not None and run_config.is_file() else args.config
         config = load_config(config_file, [], overrides)
         if config.calibration.fixed is not None:
-            point = set_operating_point(pair_dir, OperatingPoint(**config.calibration.fixed))
+            point = set_operating_point(pair_dir, _fixed_point(config.calibration.fixed))
             print(f"{pair_dir}: operating point fixed (not searched): {point}")
             return 0
         result = recalibrate_pair(pair_dir, config)
-    except (DataError, ValueError, TypeError) as exc:
+    except DataError as exc:
         logging.getLogger(__name__).error("%s", exc)
         return 2
     p = result.params
@@ -60,3 +59,14 @@ def run(args: argparse.Namespace) -> int:
           f"{p.min_component_px}, min_volume_px {p.min_volume_px} -> validation mean per-patient Dice "
           f"{result.val_patient_dice:.4f} (segmenter alone {result.segmenter_only_patient_dice:.4f})")
     return 0
+
+
+def _fixed_point(fixed: dict):
+    """`calibration.fixed` as an `OperatingPoint`; ConfigError naming the key for a bad field or value."""
+    from pipeline.postprocessing import OperatingPoint
+    from pipeline.training.config import ConfigError
+
+    try:
+        return OperatingPoint(**fixed)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"calibration.fixed: {exc}", []) from exc

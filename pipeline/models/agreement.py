@@ -5,7 +5,8 @@ Used for every copy the pipeline runs instead of the trained model: an OpenVINO 
 (`pipeline.models.release`, checked before it is written). On the same float32 inputs:
 * a probability output (classifier, (B, 1)): every probability within `PROBABILITY_TOL` of Keras;
 * a map output (segmenter, (B, H, W, 1)): at least `MASK_AGREEMENT` of the pixels on the same
-  side of `MASK_PROBABILITY` as Keras (the masks agree), whatever the probabilities' drift.
+  side of the mask threshold (`MASK_PROBABILITY`, or the pair's where the caller knows it) as
+  Keras (the masks agree), whatever the probabilities' drift.
 
 Gate decisions then agree except for slices within `PROBABILITY_TOL` of the threshold.
 

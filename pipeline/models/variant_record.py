@@ -10,7 +10,9 @@ and stores the outcome in the pair's `pipeline.json`:
         "mask_agreement": float (maps), "mask_dice": float (maps, from 0.3.0's record on),
         "n_slices": int, "cpu": the class again,
         "files_sha256": {pair file: sum} the variant ran (`.keras`, and the INT8 files for int8),
-        ... (gate_flips, threshold, openvino, checked: kept as written)}}}}
+        "threshold": the pair's gate (classifier) or mask threshold (segmenter, where its masks
+        were compared) when checked,
+        ... (gate_flips, openvino, checked: kept as written)}}}}
 
 role: `classifier` or `segmenter`; cpu class: `CPU_CLASSES` (`pipeline.models.precision.cpu_class`);
 `ok` applies the tolerances of `pipeline.models.agreement`. A record counts only while every sum in

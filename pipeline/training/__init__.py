@@ -4,7 +4,7 @@
 - `data_prep`: index, patient split and decoded arrays of the train/val patients.
 - `callbacks`, `phase`: Keras callbacks, time budget and one resumable training phase.
 - `classifier_training`, `segmenter_training`: stage 1 (ResNet50) and stage 2 (ResUNet).
-- `calibration`: classifier threshold chosen on the validation patients.
+- `calibration`: the operating point (gate, mask threshold, size limits) chosen on the validation patients.
 - `distribute`: the `tf.distribute` strategy.
 - `runner`: the run directory and the whole run (`train_run`).
 

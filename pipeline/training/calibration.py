@@ -1,4 +1,5 @@
-"""Choose the pipeline's operating point on the validation patients: gate, 2D and 3D post-processing.
+"""Choose the pipeline's operating point on the validation patients: gate, mask threshold, 2D and 3D
+post-processing.
 
 The pipeline gates every slice with the classifier, segments the flagged ones and cleans the
 masks (`pipeline.postprocessing`). Calibration searches, on the VALIDATION patients only
@@ -47,6 +48,7 @@ from pipeline.postprocessing import (
     volume_gate,
     volume_spans,
 )
+from pipeline.training.config import mask_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ class CalibrationResult:
             "val_slices": self.n_slices,
             "empty_convention": "a patient with no tumour and no predicted pixel scores 1.0",
             "selection": "max mean per-patient Dice of the volume pipeline; ties -> threshold closer "
-            "to 0.5, then smaller neighbour_weight, min_volume_px, min_component_px",
+            "to 0.5, then seg_threshold closer to 0.5, then smaller neighbour_weight, min_volume_px, "
+            "min_component_px",
         }
 
 
@@ -228,7 +231,7 @@ def calibrate(
     threshold or several to search.
     """
     images = np.asarray(images)
-    seg_thresholds = tuple(sorted({float(t) for t in np.atleast_1d(seg_threshold)}))
+    seg_thresholds = tuple(sorted({float(t) for t in np.atleast_1d(seg_threshold)}))  # a value or several
     pipe = TumorPipeline(classifier, segmenter, seg_threshold=seg_thresholds[0],
                          tile_size=int(images.shape[1]), batch_size=batch_size)
     mcps = tuple(sorted({int(m) for m in min_component_px}))
@@ -285,7 +288,7 @@ def calibrate_on_validation(classifier: keras.Model, segmenter: keras.Model, dat
         classifier, segmenter,
         np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos]),
         data.index["case"].to_numpy()[pos],  # one volume per study, slices in index (slice) order
-        cal.thresholds, cal.min_component_px, cal.mask_threshold,
+        cal.thresholds, cal.min_component_px, mask_thresholds(cal),
         batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
     )
     write_csv(grid_csv, result.grid)
@@ -310,36 +313,55 @@ def recalibrate_pair(pair_dir, config, batch_size: int = 16) -> CalibrationResul
     result = calibrate_on_validation(pair.classifier, pair.segmenter, prepare_data(config.data), cal,
                                      pair_dir / "calibration_grid.csv", batch_size)
     calibration = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cal).items()}
-    _write_point(pair_dir, pair.meta, result.params, {**result.to_json()}, calibration=calibration)
+    _write_point(pair_dir, pair.meta, result.params, {**result.to_json(), "fixed": False}, calibration)
     return result
 
 
 def set_operating_point(pair_dir, point: OperatingPoint) -> OperatingPoint:
     """Write `point` as the operating point of the pair in `pair_dir` without a search - e.g. the
     one chosen on pooled out-of-fold predictions for a pair retrained on every fold - and mark it
-    `fixed` in its validation record. The model files and their sums stay; a pair whose files do
-    not match its sums is refused (DataError). Returns `point`."""
+    `fixed` in its validation record. The files and their sums stay; a pair whose files do not
+    match its sums is refused (DataError). Returns `point`."""
     from pathlib import Path
 
     from pipeline.errors import DataError
     from pipeline.io_utils import sha256_of
-    from pipeline.models.pair_artifact import MODEL_FILES, read_pair_meta, read_pair_record
+    from pipeline.models.pair_artifact import read_pair_meta, read_pair_record
 
     pair_dir = Path(pair_dir)
-    artifact = read_pair_meta(pair_dir)  # never re-sign a tampered pair: its record, then its models
-    changed = [name for name in MODEL_FILES if sha256_of(pair_dir / name) != artifact.sha256.get(name)]
+    artifact = read_pair_meta(pair_dir)  # never re-sign a tampered pair: its record, then its files
+    changed = [name for name, digest in artifact.sha256.items()
+               if (pair_dir / name).is_file() and sha256_of(pair_dir / name) != digest]
     if changed:
         raise DataError(f"sha256 mismatch: {', '.join(changed)} changed after the pair was saved; "
                         "the operating point is not rewritten", [pair_dir / changed[0]])
-    _write_point(pair_dir, read_pair_record(pair_dir), point, {**point.to_json(), "fixed": True})
-    return point
+    _write_point(pair_dir, read_pair_record(pair_dir), point, {**point.to_json(), "fixed": True},
+                 {"fixed": point.to_json()})
 
 
-def _write_point(pair_dir, meta, point: OperatingPoint, validation: dict[str, Any], **extra: Any) -> None:
+# what a search records in `validation`: replaced, not merged, when the point is written again
+_SEARCH_KEYS = ("val_mean_patient_dice", "val_segmenter_only_mean_patient_dice", "val_classifier",
+                "val_patients", "val_slices", "empty_convention", "selection")
+
+
+def _write_point(pair_dir, meta, point: OperatingPoint, validation: dict[str, Any],
+                 calibration: dict[str, Any]) -> None:
+    """Rewrite the pair's `pipeline.json` with `point`, its `validation` record (the training's
+    own entries kept) and the `calibration` that chose it. A segmenter variant record checked at
+    another mask threshold is dropped (`variant_check` compares masks at the pair's)."""
     from pipeline.models.pair_artifact import write_pair_meta
+    from pipeline.models.variant_record import VARIANTS_KEY
 
     meta = dict(meta)
+    moved = float(meta.get("seg_threshold", point.seg_threshold)) != point.seg_threshold
+    if moved and meta.get(VARIANTS_KEY):
+        meta[VARIANTS_KEY] = {r: v for r, v in meta[VARIANTS_KEY].items() if r != "segmenter"}
+        if not meta[VARIANTS_KEY]:
+            del meta[VARIANTS_KEY]
+        log.warning("the segmenter's variant record was checked at another mask threshold: dropped "
+                    "(run `python -m pipeline variants` again)")
     meta.update(point.to_json())
-    meta["validation"] = {**(meta.get("validation") or {}), **validation}
-    meta.update(extra)
-    write_pair_meta(pair_dir, meta)  # validated, model sums kept, paths made portable
+    kept = {k: v for k, v in (meta.get("validation") or {}).items() if k not in _SEARCH_KEYS}
+    meta["validation"] = {**kept, **validation}
+    meta["calibration"] = calibration
+    write_pair_meta(pair_dir, meta)  # validated, sums kept, paths made portable

@@ -171,7 +171,9 @@ class CalibrationConfig:
     min_component_px: tuple[int, ...] = (0, 10, 30, 60)
     min_volume_px: tuple[int, ...] = (0, 50, 100, 200, 400, 800)
     neighbour_weights: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
-    mask_threshold: float | tuple[float, ...] = 0.5  # segmenter probability -> mask; a list is searched too
+    # segmenter probability -> mask; a list is searched too (each value keeps one mask array per
+    # min_component_px of every validation slice in memory: ~50 MB per 800 slices)
+    mask_threshold: float | tuple[float, ...] = 0.5
     # An operating point used as it is instead of the grid search (the `OperatingPoint` fields);
     # required when no patient validates (data.fold: all), e.g. the one the folds chose.
     fixed: dict[str, float] | None = None
@@ -347,7 +349,17 @@ def _validate(config: Config, source: str) -> Config:
         raise ConfigError("calibration.neighbour_weights: need at least one value, each in [0, 1]", [source])
     if any(v < 0 for v in (*cal.min_volume_px, *cal.min_component_px)) or not cal.min_volume_px:
         raise ConfigError("calibration.min_volume_px / min_component_px: values must be >= 0", [source])
+    masks = mask_thresholds(cal)
+    if any(not 0.0 < t < 1.0 for t in masks) or not masks:
+        raise ConfigError("calibration.mask_threshold: a value or a list of at least one, each in (0, 1)",
+                          [source])
     return config
+
+
+def mask_thresholds(cal: CalibrationConfig) -> tuple[float, ...]:
+    """`calibration.mask_threshold` as the sorted tuple of values it searches (one or several)."""
+    values = cal.mask_threshold if isinstance(cal.mask_threshold, tuple) else (cal.mask_threshold,)
+    return tuple(sorted({float(t) for t in values}))
 
 
 def _check_folds(config: Config, source: str) -> None:

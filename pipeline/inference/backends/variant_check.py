@@ -6,8 +6,8 @@ INT8 IR that belongs to the model file (`pair_artifact.int8_irs`) - and Keras on
 the release's deterministic probe (`synthetic_slices.probe_batch`) and the pair's validation
 patients (its `splits.csv`, read through the index and array caches,
 `array_cache.dataset_images`). A variant passes with the tolerances of `pipeline.models.agreement`
-(probabilities within `PROBABILITY_TOL`, masks equal on >= `MASK_AGREEMENT` of the pixels and
-their Dice against Keras' masks >= `MASK_DICE`); for the classifier the
+(probabilities within `PROBABILITY_TOL`; masks, taken at the pair's mask threshold, equal on >=
+`MASK_AGREEMENT` of the pixels and their Dice against Keras' masks >= `MASK_DICE`); for the classifier the
 result also counts the gate decisions that differ at the pair's threshold (`gate_flips`; the
 probability tolerance lets only slices within it of the threshold flip,
 `gate_flips_beyond_tolerance` counts the others and must be 0). The results are filed in the
