@@ -97,6 +97,24 @@ def test_the_record_is_written_into_pipeline_json_and_the_sums_still_verify(tiny
     verify_release(pair)  # every listed file matches (raises DataError otherwise)
 
 
+def test_a_new_mask_threshold_drops_the_segmenters_record_and_the_release_verifies(tiny_pair, tmp_path):
+    """The segmenter's variants were checked with masks at the old mask threshold: once the pair
+    thresholds elsewhere (`calibrate --set calibration.fixed=...`) they are unchecked again."""
+    from pipeline.models.release import verify_release
+    from pipeline.postprocessing import OperatingPoint
+    from pipeline.training.calibration import set_operating_point
+
+    pair = _release_like(tiny_pair, tmp_path)
+    record_variants(pair, _results(pair))
+    point = read_pair_meta(pair).point
+    set_operating_point(pair, OperatingPoint(point.threshold, point.seg_threshold, 30, 800))
+    assert set(read_pair_meta(pair).extra["variants"]) == {"classifier", "segmenter"}  # same masks
+    set_operating_point(pair, OperatingPoint(point.threshold, 0.4, 30, 800))
+    artifact = read_pair_meta(pair)
+    assert set(artifact.extra["variants"]) == {"classifier"} and artifact.point.seg_threshold == 0.4
+    verify_release(pair)
+
+
 def test_another_cpu_class_is_filed_beside_the_first_and_a_rerun_replaces_its_own(tiny_pair, tmp_path):
     pair = copy_pair(tiny_pair, tmp_path / "pair")
     record_variants(pair, _results(pair))
