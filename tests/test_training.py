@@ -277,7 +277,7 @@ def test_recalibrate_pair_rewrites_only_the_operating_point(tiny_pair, synthetic
         config.calibration.thresholds)
 
 
-def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(tiny_pair, tmp_path):
+def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(tiny_pair, tmp_path, capsys):
     """`calibrate --set calibration.fixed=...`: the point is written as given, marked fixed, the
     model sums kept and the pair still verifies; a pair whose files changed is not re-signed."""
     from pipeline.errors import DataError
@@ -298,6 +298,7 @@ def test_set_operating_point_writes_a_fixed_point_and_refuses_a_tampered_pair(ti
 
     fixed = "calibration.fixed={threshold: 0.3, seg_threshold: 0.35, min_component_px: 10, min_volume_px: 50}"
     assert main(["calibrate", "--models", str(pair), "--set", fixed]) == 0
+    assert "seg_threshold=0.35" in capsys.readouterr().out
     assert read_pair_meta(pair).point == OperatingPoint(0.3, 0.35, 10, 50)
     with open(pair / "segmenter.keras", "ab") as fh:
         fh.write(b"\0")

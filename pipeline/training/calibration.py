@@ -337,6 +337,7 @@ def set_operating_point(pair_dir, point: OperatingPoint) -> OperatingPoint:
                         "the operating point is not rewritten", [pair_dir / changed[0]])
     _write_point(pair_dir, read_pair_record(pair_dir), point, {**point.to_json(), "fixed": True},
                  {"fixed": point.to_json()})
+    return point
 
 
 # what a search records in `validation`: replaced, not merged, when the point is written again
