@@ -231,7 +231,7 @@ def calibrate(
     threshold or several to search.
     """
     images = np.asarray(images)
-    seg_thresholds = tuple(sorted({float(t) for t in np.atleast_1d(seg_threshold)}))  # a value or several
+    seg_thresholds = mask_thresholds(seg_threshold)
     pipe = TumorPipeline(classifier, segmenter, seg_threshold=seg_thresholds[0],
                          tile_size=int(images.shape[1]), batch_size=batch_size)
     mcps = tuple(sorted({int(m) for m in min_component_px}))
@@ -288,7 +288,7 @@ def calibrate_on_validation(classifier: keras.Model, segmenter: keras.Model, dat
         classifier, segmenter,
         np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos]),
         data.index["case"].to_numpy()[pos],  # one volume per study, slices in index (slice) order
-        cal.thresholds, cal.min_component_px, mask_thresholds(cal),
+        cal.thresholds, cal.min_component_px, cal.mask_threshold,
         batch_size=batch_size, neighbour_weights=cal.neighbour_weights, min_volume_px=cal.min_volume_px,
     )
     write_csv(grid_csv, result.grid)
@@ -324,17 +324,11 @@ def set_operating_point(pair_dir, point: OperatingPoint) -> OperatingPoint:
     match its sums is refused (DataError). Returns `point`."""
     from pathlib import Path
 
-    from pipeline.errors import DataError
-    from pipeline.io_utils import sha256_of
-    from pipeline.models.pair_artifact import read_pair_meta, read_pair_record
+    from pipeline.models.pair_artifact import read_pair_record
+    from pipeline.models.release import verify_release
 
     pair_dir = Path(pair_dir)
-    artifact = read_pair_meta(pair_dir)  # never re-sign a tampered pair: its record, then its files
-    changed = [name for name, digest in artifact.sha256.items()
-               if (pair_dir / name).is_file() and sha256_of(pair_dir / name) != digest]
-    if changed:
-        raise DataError(f"sha256 mismatch: {', '.join(changed)} changed after the pair was saved; "
-                        "the operating point is not rewritten", [pair_dir / changed[0]])
+    verify_release(pair_dir)  # never re-sign a tampered pair: its record, then every file it sums
     _write_point(pair_dir, read_pair_record(pair_dir), point, {**point.to_json(), "fixed": True},
                  {"fixed": point.to_json()})
     return point

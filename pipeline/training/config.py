@@ -349,16 +349,16 @@ def _validate(config: Config, source: str) -> Config:
         raise ConfigError("calibration.neighbour_weights: need at least one value, each in [0, 1]", [source])
     if any(v < 0 for v in (*cal.min_volume_px, *cal.min_component_px)) or not cal.min_volume_px:
         raise ConfigError("calibration.min_volume_px / min_component_px: values must be >= 0", [source])
-    masks = mask_thresholds(cal)
+    masks = mask_thresholds(cal.mask_threshold)
     if any(not 0.0 < t < 1.0 for t in masks) or not masks:
         raise ConfigError("calibration.mask_threshold: a value or a list of at least one, each in (0, 1)",
                           [source])
     return config
 
 
-def mask_thresholds(cal: CalibrationConfig) -> tuple[float, ...]:
-    """`calibration.mask_threshold` as the sorted tuple of values it searches (one or several)."""
-    values = cal.mask_threshold if isinstance(cal.mask_threshold, tuple) else (cal.mask_threshold,)
+def mask_thresholds(value: float | Iterable[float]) -> tuple[float, ...]:
+    """A mask threshold or several (`calibration.mask_threshold`) as the sorted tuple of distinct values."""
+    values = value if isinstance(value, Iterable) else (value,)
     return tuple(sorted({float(t) for t in values}))
 
 
