@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from pipeline.benchmarks import end_to_end
 
 FIELDS = {"backend", "policy", "end_to_end_slices_per_s", "classifier_slices_per_s",
@@ -52,6 +54,11 @@ def test_bench_diagnosis_times_a_whole_run_per_executor(tiny_pair, synthetic_roo
     row = diagnosis.measure({"executor": "local", "inputs": inputs, "pair_dir": str(tiny_pair),
                              "batch_size": 2, "backend": "keras", "concurrency": 1})
     assert row["slices"] == 4 and row["failed"] == 0 and row["cold_s"] > 0 and row["warm_slices_per_s"] > 0
+    # the pair loaded once: the models alone and the run with files, timed on the same slices
+    assert row["load_s"] > 0 and row["models_slices_per_s"] > 0 and row["files_slices_per_s"] > 0
+    assert 0 < row["files_to_models"] == pytest.approx(row["files_slices_per_s"] / row["models_slices_per_s"],
+                                                       rel=0.1)
     ray_row = {**row, "executor": "ray", "cold_s": row["cold_s"] + 5.0, "warm_s": row["warm_s"] + 2.0}
     table = diagnosis.format_report({"results": [row, ray_row]})
+    assert "the pair loaded once" in table and "of the models' rate" in table
     assert "Ray's overhead against local: +5.00 s cold, +2.00 s warm (1 actor(s))" in table

@@ -7,6 +7,12 @@ second ("warm") runs in the same process, so with `ray` the instance is up alrea
 cluster made with `ray start`), but the job's actors still start and load their models. The
 rate is input slices per second of the whole run (decoding, models, PNGs, reports, page).
 Ray's overhead is its time minus the local executor's on the same inputs.
+
+The local executor also gets a third run with the pair loaded beforehand
+(`run_diagnosis(pipeline=)`, as a caller diagnosing batch after batch holds it; timed after one
+such run, since a study's batch lengths compile shapes of their own), against the models alone on
+the same decoded slices (`TumorPipeline.predict` in batches, as `bench pipeline` times end to
+end): their ratio is the share of a run's rate left once the models are loaded.
 """
 
 from __future__ import annotations
@@ -61,10 +67,50 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             shutil.rmtree(out, ignore_errors=True)
     n = len(spec["inputs"])
-    return {"executor": spec["executor"], "concurrency": spec["concurrency"], "slices": n,
-            "failed": result.n_failed, "cold_s": round(times[0], 2), "warm_s": round(times[1], 2),
-            "cold_slices_per_s": round(n / times[0], 1), "warm_slices_per_s": round(n / times[1], 1),
-            "backend": result.settings["backend"]}
+    row = {"executor": spec["executor"], "concurrency": spec["concurrency"], "slices": n,
+           "failed": result.n_failed, "cold_s": round(times[0], 2), "warm_s": round(times[1], 2),
+           "cold_slices_per_s": round(n / times[0], 1), "warm_slices_per_s": round(n / times[1], 1),
+           "backend": result.settings["backend"]}
+    if spec["executor"] == "local":
+        row.update(_loaded_once(spec, executor))
+    return row
+
+
+def _loaded_once(spec: dict[str, Any], executor: Any) -> dict[str, Any]:
+    """The pair loaded once, then the models alone and a whole run with files on the same slices
+    -> {load_s, models_slices_per_s, files_slices_per_s, files_to_models}."""
+    from pipeline.inference.diagnosis import run_diagnosis
+    from pipeline.inference.diagnosis.settings import load_pipeline
+    from pipeline.inference.image_loading import load_slice
+
+    started = time.perf_counter()
+    pipe, _, _ = load_pipeline(None, spec["pair_dir"], None, allow_unverified=False, threshold=None,
+                               min_component_px=None, batch_size=spec["batch_size"], backend=spec["backend"],
+                               precision="auto")
+    load_s = time.perf_counter() - started
+    images = [load_slice(p) for p in spec["inputs"]]
+    batch = spec["batch_size"]
+
+    def models_alone() -> None:
+        for start in range(0, len(images), batch):
+            pipe.predict(images[start : start + batch])
+
+    models_alone()  # warm-up: the first call compiles
+    started = time.perf_counter()
+    models_alone()
+    models_s = time.perf_counter() - started
+    for _ in range(2):  # the first is a warm-up too: a study's batch lengths compile their own shapes
+        out = Path(tempfile.mkdtemp(prefix="bench-diagnosis-"))
+        try:
+            started = time.perf_counter()
+            run_diagnosis(spec["inputs"], out / "out", pipeline=pipe, batch_size=batch, resume=False,
+                          progress=False, executor=executor)
+            files_s = time.perf_counter() - started
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    n = len(images)
+    return {"load_s": round(load_s, 2), "models_slices_per_s": round(n / models_s, 1),
+            "files_slices_per_s": round(n / files_s, 1), "files_to_models": round(models_s / files_s, 3)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -75,6 +121,11 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{r['slices']:>8}{r['cold_s']:>9.2f}{r['cold_slices_per_s']:>10.1f}{r['warm_s']:>9.2f}"
                      f"{r['warm_slices_per_s']:>10.1f}")
     local = next((r for r in report["results"] if r["executor"] == "local"), None)
+    if local is not None and "load_s" in local:
+        lines.append(f"local, the pair loaded once ({local['load_s']:.2f} s): models alone "
+                     f"{local['models_slices_per_s']:.1f} slices/s, the whole run with files "
+                     f"{local['files_slices_per_s']:.1f} slices/s "
+                     f"({local['files_to_models']:.0%} of the models' rate)")
     for r in report["results"]:
         if local is not None and r["executor"] == "ray":
             lines.append(f"Ray's overhead against local: {r['cold_s'] - local['cold_s']:+.2f} s cold, "
