@@ -408,3 +408,25 @@ def test_a_final_model_is_released_with_the_split_its_folds_came_from(tmp_path):
         (run / "pipeline.json").write_text(json.dumps(record), encoding="utf-8")
     assert release_split(fold_run) == fold_run / "splits.csv"  # a fold run releases what it used
     assert release_split(final_run) == base  # the final model keeps the project's split of record
+
+
+def test_the_release_compares_masks_at_the_pairs_own_mask_threshold(tmp_path, monkeypatch):
+    """An ensemble's pair draws masks at 0.2: float16 storage is judged there, not at 0.5."""
+    from pipeline.models.model_io import save_pair
+    from tests.model_helpers import make_tiny_segmenter
+
+    run = save_pair(tmp_path / "run", _mini_classifier(), make_tiny_segmenter(),
+                    {"threshold": 0.5, "seg_threshold": 0.2, "segmenter_tile_size": 64, "policy": "float32"})
+    (run / SPLITS_FILE).write_text(SPLITS_TEXT, encoding="utf-8")
+    cuts = []
+    real = release_mod.mask_agreement
+    monkeypatch.setattr(release_mod, "mask_agreement", lambda a, b, t: cuts.append(t) or real(a, b, t))
+    result = export_release(run, tmp_path / "models", probe=SMALL_PROBE)
+    assert cuts and set(cuts) == {0.2}
+    assert result["tolerance"]["mask_threshold"] == 0.2
+    recorded = json.loads((Path(result["out_dir"]) / META_FILE).read_text())["release"]["tolerance"]
+    assert recorded["mask_threshold"] == 0.2
+    # an explicit threshold is kept
+    out = export_release(run, tmp_path / "other", probe=SMALL_PROBE,
+                         tolerance=release_mod.Tolerance(mask_threshold=0.5))
+    assert out["tolerance"]["mask_threshold"] == 0.5

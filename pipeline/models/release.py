@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,14 @@ class Tolerance:
     classifier_max_abs: largest allowed |p_release - p_run| of the tumour probability.
     segmenter_max_abs: largest allowed per-pixel |p_release - p_run| of the mask probability.
     min_mask_agreement: smallest allowed fraction of pixels whose binary mask (`> mask_threshold`) agrees.
+    mask_threshold: None (default) for the pair's own mask threshold (its `seg_threshold`): masks
+        are compared where the release draws them.
     """
 
     classifier_max_abs: float = PROBABILITY_TOL
     segmenter_max_abs: float = 2e-2
     min_mask_agreement: float = MASK_AGREEMENT
-    mask_threshold: float = MASK_PROBABILITY
+    mask_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,8 @@ def export_release(
     splits_src = release_split(run_dir)
 
     source = load_pair(run_dir)  # verifies the run's files against their recorded sha256
+    if tolerance.mask_threshold is None:
+        tolerance = replace(tolerance, mask_threshold=float(source.artifact.point.seg_threshold))
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".release-"))
     try:
