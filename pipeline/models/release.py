@@ -370,6 +370,15 @@ def _swap_in(staging: Path, out_dir: Path) -> list[str]:
     return listed
 
 
+def _source_and_tolerance(run_dir: Path, tolerance: Tolerance) -> tuple[Any, Tolerance]:
+    """The run's pair (its files checked against their recorded sha256) and `tolerance` with its
+    mask threshold resolved: the pair's own `seg_threshold` unless one was given."""
+    source = load_pair(run_dir)
+    if tolerance.mask_threshold is None:
+        tolerance = replace(tolerance, mask_threshold=float(source.artifact.point.seg_threshold))
+    return source, tolerance
+
+
 def export_release(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike = DEFAULT_RELEASE_DIR,
@@ -406,9 +415,7 @@ def export_release(
     probe_images = _check_export_arguments(dtypes, probe_images, run_dir, out_dir, force)
     splits_src = release_split(run_dir)
 
-    source = load_pair(run_dir)  # verifies the run's files against their recorded sha256
-    if tolerance.mask_threshold is None:
-        tolerance = replace(tolerance, mask_threshold=float(source.artifact.point.seg_threshold))
+    source, tolerance = _source_and_tolerance(run_dir, tolerance)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".release-"))
     try:
