@@ -197,6 +197,32 @@ def test_the_pooled_grid_keeps_each_mask_threshold_apart(tmp_path):
     assert choose_point(pooled_grid(variant))["seg_threshold"] == 0.5
 
 
+def test_cv_apply_point_writes_the_pooled_best_into_every_fold_pair(tiny_pair, tmp_path, capsys):
+    from pipeline.models.pair_artifact import read_pair_meta
+    from tests.model_helpers import copy_pair
+
+    variant = tmp_path / "ensemble"
+    for k in (0, 1):
+        copy_pair(tiny_pair, variant / f"fold{k}")
+    _fake_fold(variant, 0, ["A", "B", "C"], [0.9, 0.8, 0.7], [0.5], [True] * 3)
+    _fake_fold(variant, 1, ["D"], [0.5], [0.5], [True])
+    point = {"threshold": 0.25, "neighbour_weight": 0.0, "min_volume_px": 800,
+             "fp_px": 1.0, "fn_px": 1.0, "flagged_slices": 1}
+    # fold 1 alone would pick 0.2 / 10 px; pooled over 4 patients 0.5 / 30 px wins (0.75 > 0.7125)
+    for k, dice in ((0, {(0.2, 10): 0.70, (0.5, 30): 0.80}), (1, {(0.2, 10): 0.75, (0.5, 30): 0.60})):
+        rows = [{**point, "seg_threshold": t, "min_component_px": c, "mean_patient_dice": d}
+                for (t, c), d in dice.items()]
+        pd.DataFrame(rows).to_csv(variant / f"fold{k}" / "calibration_grid.csv", index=False)
+    assert main(["cv", str(variant), "--apply-point"]) == 0
+    assert "written into 2 fold pairs" in capsys.readouterr().out
+    for k in (0, 1):
+        p = read_pair_meta(variant / f"fold{k}").point
+        assert (p.threshold, p.seg_threshold, p.min_component_px, p.min_volume_px) == (0.25, 0.5, 30, 800)
+    (variant / "fold1" / "classifier.keras").write_bytes(b"tampered")
+    assert main(["cv", str(variant), "--apply-point"]) == 2  # never re-signs a tampered pair
+    assert "classifier.keras" in capsys.readouterr().err
+
+
 FIXED_POINT = ("calibration.fixed={threshold: 0.3, seg_threshold: 0.5, min_component_px: 10, "
                "min_volume_px: 50}")
 

@@ -8,6 +8,10 @@ mean per-patient Dice with bootstrap intervals, missed and false-positive pixels
 not found and the pooled epoch curve (`pipeline.evaluation.cross_validation`, written to
 ``VARIANT/oof/``); then every variant paired against the baseline (the last one by default)
 on the patients they share.
+
+``--apply-point`` instead writes each variant's pooled grid's best point (its folds'
+``calibration_grid.csv`` pooled, `apply_pooled_point`) into every one of its fold pairs; evaluate
+the folds again, then run ``cv`` to read them at that one point.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="variant the others are paired against (default: the last one given)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="also write the results as JSON")
+    parser.add_argument("--apply-point", action="store_true",
+                        help="write each variant's pooled operating point into its fold pairs, then stop")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
 
 
@@ -34,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluation.cross_validation import POOLED_DIR, render_summary, write_summary
     from pipeline.io_utils import atomic_write_json
 
+    if args.apply_point:
+        return _apply_points(args.variants)
     baseline = args.baseline or args.variants[-1]
     results: dict[str, dict] = {"variants": {}, "paired": {}}
     try:
@@ -52,4 +60,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         atomic_write_json(args.json, results)
+    return 0
+
+
+def _apply_points(variants: list[Path]) -> int:
+    """`--apply-point`: each variant's pooled point into its fold pairs; 2 on a missing grid or pair."""
+    from pipeline.errors import DataError
+    from pipeline.evaluation.cross_validation import apply_pooled_point, fold_dirs
+
+    try:
+        for variant in variants:
+            point = apply_pooled_point(variant)
+            folds = fold_dirs(variant)
+            print(f"{variant}: pooled operating point {point.to_json()} written into {len(folds)} fold "
+                  f"pairs; evaluate each again (evaluate --run {folds[0]} --split val, ...), then run cv")
+    except (DataError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -27,9 +27,10 @@ from pipeline.errors import DataError
 from pipeline.evaluation.compare import error_counts
 from pipeline.io_utils import atomic_write_json, write_csv
 from pipeline.paths import SPLITS_FILE
-from pipeline.training.calibration import choose_point
+from pipeline.postprocessing import OperatingPoint
+from pipeline.training.calibration import choose_point, point_of, set_operating_point
 
-__all__ = ["fold_dirs", "pool_folds", "epoch_curve", "pooled_grid", "summarize_pooled"]
+__all__ = ["fold_dirs", "pool_folds", "epoch_curve", "pooled_grid", "apply_pooled_point", "summarize_pooled"]
 
 EVAL_SUBDIR = Path("evaluation") / "val"
 POOLED_DIR = "oof"
@@ -132,6 +133,17 @@ def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
     pooled = pooled[groups.size().to_numpy() == len(grids)].copy()
     pooled["mean_patient_dice"] = pooled["_weighted"] / pooled["_n"]
     return pooled.drop(columns=["_weighted"]).rename(columns={"_n": "n_patients"}).reset_index(drop=True)
+
+
+def apply_pooled_point(variant: str | os.PathLike) -> OperatingPoint:
+    """Write the best point of `variant`'s pooled grid (`choose_point(pooled_grid(variant))`) into
+    every fold's pair (`set_operating_point`: a pair that fails its sums is refused), so each fold
+    is scored at one point chosen on all folds' patients instead of at its own fold's best.
+    Returns the point; the folds' evaluations are stale until `evaluate` runs on each again."""
+    point = point_of(choose_point(pooled_grid(variant)))
+    for fold in fold_dirs(variant):
+        set_operating_point(fold, point)
+    return point
 
 
 def summarize_pooled(pooled_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:

@@ -196,6 +196,15 @@ def choose_point(grid: pd.DataFrame) -> pd.Series:
     return best.drop(["_dist", "_seg_dist", "_score"])
 
 
+def point_of(row: pd.Series) -> OperatingPoint:
+    """A grid row (`volume_grid`, `choose_point`) as the `OperatingPoint` it describes."""
+    return OperatingPoint(
+        threshold=float(row["threshold"]), seg_threshold=float(row["seg_threshold"]),
+        min_component_px=int(row["min_component_px"]), min_volume_px=int(row["min_volume_px"]),
+        neighbour_weight=float(row["neighbour_weight"]),
+    )
+
+
 def classifier_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
     """Validation slice metrics of the classifier at `threshold` (AUC is threshold-free)."""
     labels = np.asarray(labels).astype(bool)
@@ -253,11 +262,7 @@ def calibrate_from_predictions(
     `choose_point`, the validation numbers."""
     grid = volume_grid(probs, masks, gt_masks, volume_ids, thresholds, neighbour_weights, min_volume_px)
     best = choose_point(grid)
-    params = OperatingPoint(
-        threshold=float(best["threshold"]), seg_threshold=float(best["seg_threshold"]),
-        min_component_px=int(best["min_component_px"]), min_volume_px=int(best["min_volume_px"]),
-        neighbour_weight=float(best["neighbour_weight"]),
-    )
+    params = point_of(best)
     alone = grid[grid["threshold"].isna() & (grid["seg_threshold"] == params.seg_threshold)
                  & (grid["min_component_px"] == params.min_component_px)
                  & (grid["min_volume_px"] == params.min_volume_px)]
