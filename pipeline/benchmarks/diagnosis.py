@@ -49,23 +49,15 @@ def _slice_files(data_dir: str | None, n: int) -> list[str]:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Two timed `run_diagnosis` runs of `spec["executor"]` on `spec["inputs"]` (worker process)."""
-    from pipeline.inference.diagnosis import make_executor, run_diagnosis
+    from pipeline.inference.diagnosis import make_executor
 
     options = {} if spec["executor"] == "local" else {
         "address": spec.get("ray_address"), "concurrency": spec["concurrency"],
         "num_cpus": spec.get("ray_cpus")}
     executor = make_executor(spec["executor"], **options)
-    times = []
-    for _ in range(2):
-        out = Path(tempfile.mkdtemp(prefix="bench-diagnosis-"))
-        try:
-            started = time.perf_counter()
-            result = run_diagnosis(spec["inputs"], out / "out", models_dir=spec["pair_dir"],
-                                   batch_size=spec["batch_size"], backend=spec["backend"], resume=False,
-                                   progress=False, executor=executor)
-            times.append(time.perf_counter() - started)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+    pair = {"models_dir": spec["pair_dir"], "backend": spec["backend"]}
+    runs = [_timed_run(spec, executor, **pair) for _ in range(2)]
+    times, result = [seconds for seconds, _ in runs], runs[-1][1]
     n = len(spec["inputs"])
     row = {"executor": spec["executor"], "concurrency": spec["concurrency"], "slices": n,
            "failed": result.n_failed, "cold_s": round(times[0], 2), "warm_s": round(times[1], 2),
@@ -76,10 +68,24 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _timed_run(spec: dict[str, Any], executor: Any, **options: Any) -> tuple[float, Any]:
+    """One `run_diagnosis` of `spec["inputs"]` into a fresh OUT, removed after -> (seconds, result)."""
+    from pipeline.inference.diagnosis import run_diagnosis
+
+    out = Path(tempfile.mkdtemp(prefix="bench-diagnosis-"))
+    try:
+        started = time.perf_counter()
+        result = run_diagnosis(spec["inputs"], out / "out", batch_size=spec["batch_size"], resume=False,
+                               progress=False, executor=executor, **options)
+        return time.perf_counter() - started, result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def _loaded_once(spec: dict[str, Any], executor: Any) -> dict[str, Any]:
     """The pair loaded once, then the models alone and a whole run with files on the same slices
     -> {load_s, models_slices_per_s, files_slices_per_s, files_to_models}."""
-    from pipeline.inference.diagnosis import run_diagnosis
+    from pipeline.benchmarks.end_to_end import predict_in_batches, timed
     from pipeline.inference.diagnosis.settings import load_pipeline
     from pipeline.inference.image_loading import load_slice
 
@@ -89,25 +95,10 @@ def _loaded_once(spec: dict[str, Any], executor: Any) -> dict[str, Any]:
                                precision="auto")
     load_s = time.perf_counter() - started
     images = [load_slice(p) for p in spec["inputs"]]
-    batch = spec["batch_size"]
-
-    def models_alone() -> None:
-        for start in range(0, len(images), batch):
-            pipe.predict(images[start : start + batch])
-
-    models_alone()  # warm-up: the first call compiles
-    started = time.perf_counter()
-    models_alone()
-    models_s = time.perf_counter() - started
-    for _ in range(2):  # the first is a warm-up too: a study's batch lengths compile their own shapes
-        out = Path(tempfile.mkdtemp(prefix="bench-diagnosis-"))
-        try:
-            started = time.perf_counter()
-            run_diagnosis(spec["inputs"], out / "out", pipeline=pipe, batch_size=batch, resume=False,
-                          progress=False, executor=executor)
-            files_s = time.perf_counter() - started
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+    predict_in_batches(pipe, images, spec["batch_size"])  # warm-up: the first call compiles
+    models_s = timed(lambda: predict_in_batches(pipe, images, spec["batch_size"]))
+    _timed_run(spec, executor, pipeline=pipe)  # a warm-up too: a study's batch lengths compile their shapes
+    files_s, _ = _timed_run(spec, executor, pipeline=pipe)
     n = len(images)
     return {"load_s": round(load_s, 2), "models_slices_per_s": round(n / models_s, 1),
             "files_slices_per_s": round(n / files_s, 1), "files_to_models": round(models_s / files_s, 3)}

@@ -202,10 +202,17 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
+    """Seconds one call of `fn()` takes."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def predict_in_batches(pipe: Any, images: list, batch: int) -> None:
+    """The end-to-end call pattern the bench times: `pipe.predict` on chunks of `batch` slices."""
+    for start in range(0, len(images), batch):
+        pipe.predict(images[start : start + batch])
 
 
 def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
@@ -242,15 +249,14 @@ def measure_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     flagged = [im for im, p in zip(images, probabilities, strict=True) if p >= pipe.threshold]
 
     def end_to_end():
-        for start in range(0, len(images), batch):
-            pipe.predict(images[start : start + batch])
+        predict_in_batches(pipe, images, batch)
 
     if flagged:
         pipe.segment_probabilities(flagged)  # warm-up
     end_to_end()  # warm-up of the exact call pattern
-    t_cls = _timed(lambda: pipe.classify(images))
-    t_seg = _timed(lambda: pipe.segment_probabilities(flagged)) if flagged else float("nan")
-    t_e2e = _timed(end_to_end)
+    t_cls = timed(lambda: pipe.classify(images))
+    t_seg = timed(lambda: pipe.segment_probabilities(flagged)) if flagged else float("nan")
+    t_e2e = timed(end_to_end)
     info = pipe.backend_info
     return {
         "kind": "pipeline",
@@ -306,7 +312,7 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
     classifier.predict(images[0][None].astype(np.float32), verbose=0)  # build the predict functions
     segmenter.predict(images[0][None].astype(np.float32), verbose=0)
-    seconds = _timed(one_at_a_time)
+    seconds = timed(one_at_a_time)
     return {
         "kind": "baseline",
         "backend": KERAS,
