@@ -66,12 +66,11 @@ def run(args: argparse.Namespace) -> int:
 def _apply_points(variants: list[Path]) -> int:
     """`--apply-point`: each variant's pooled point into its fold pairs; 2 on a missing grid or pair."""
     from pipeline.errors import DataError
-    from pipeline.evaluation.cross_validation import apply_pooled_point, fold_dirs
+    from pipeline.evaluation.cross_validation import apply_pooled_point
 
     try:
         for variant in variants:
-            point = apply_pooled_point(variant)
-            folds = fold_dirs(variant)
+            point, folds = apply_pooled_point(variant)
             print(f"{variant}: pooled operating point {point.to_json()} written into {len(folds)} fold "
                   f"pairs; evaluate each again (evaluate --run {folds[0]} --split val, ...), then run cv")
     except (DataError, OSError, ValueError, KeyError) as exc:

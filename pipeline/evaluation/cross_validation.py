@@ -135,15 +135,17 @@ def pooled_grid(variant: str | os.PathLike) -> pd.DataFrame:
     return pooled.drop(columns=["_weighted"]).rename(columns={"_n": "n_patients"}).reset_index(drop=True)
 
 
-def apply_pooled_point(variant: str | os.PathLike) -> OperatingPoint:
+def apply_pooled_point(variant: str | os.PathLike) -> tuple[OperatingPoint, list[Path]]:
     """Write the best point of `variant`'s pooled grid (`choose_point(pooled_grid(variant))`) into
     every fold's pair (`set_operating_point`: a pair that fails its sums is refused), so each fold
     is scored at one point chosen on all folds' patients instead of at its own fold's best.
-    Returns the point; the folds' evaluations are stale until `evaluate` runs on each again."""
+    Returns (the point, the fold folders written); their evaluations are stale until `evaluate`
+    runs on each again."""
     point = point_of(choose_point(pooled_grid(variant)))
-    for fold in fold_dirs(variant):
+    folds = fold_dirs(variant)
+    for fold in folds:
         set_operating_point(fold, point)
-    return point
+    return point, folds
 
 
 def summarize_pooled(pooled_dir: str | os.PathLike, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
