@@ -84,3 +84,38 @@ def test_an_empty_pool_drops_its_kind_and_a_bad_mix_is_refused(arrays):
     assert no_empty.probabilities(CropMix(0.5, 0.25, 0.25)).tolist() == pytest.approx([2 / 3, 1 / 3, 0])
     with pytest.raises(ValueError, match="non-negative"):
         CropMix(-1, 1, 1)
+
+
+def test_cached_hard_negatives_are_reused_only_for_the_models_that_scored_them(arrays, tmp_path, monkeypatch):
+    """A resumed run reuses its scores; one whose classifier or reference changed scores again."""
+    import keras
+
+    from pipeline.training import hard_negatives
+
+    calls = []
+
+    def score(images, classifier, reference):  # the scorer's answer depends on the classifier's weights
+        calls.append(len(images))
+        value = float(keras.ops.convert_to_numpy(classifier.weights[0]).ravel()[0])
+        return np.full(len(images), value), None
+
+    monkeypatch.setattr(hard_negatives, "score_empty_slices", score)
+    has = arrays.masks.reshape(len(arrays), -1).any(axis=1)
+
+    def tiny(value: float) -> keras.Model:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+        model.weights[0].assign(np.full((2, 1), value, np.float32))
+        return model
+
+    def pools(model):
+        return hard_negatives.sampler_pools(arrays, np.arange(len(arrays)), has, classifier=model,
+                                            reference_segmenter=None, weight=4.0, cache_dir=tmp_path)
+
+    first = pools(tiny(0.25))
+    assert len(calls) == 1 and (tmp_path / hard_negatives.CACHE_FILE).is_file()
+    again = pools(tiny(0.25))  # same weights: read from the cache
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again.empty_weights, first.empty_weights)
+    changed = pools(tiny(0.5))  # another classifier: scored again, not the stale weights
+    assert len(calls) == 2
+    np.testing.assert_allclose(changed.empty_weights, 1.0 + 4.0 * 0.5)

@@ -116,16 +116,22 @@ def test_trainer_used_only_train_and_val_patients(interrupted_then_resumed):
 @pytest.mark.slow
 def test_the_segmenter_retrains_against_another_pairs_classifier(interrupted_then_resumed, synthetic_root):
     """`--stage segmenter --classifier-from PAIR`: a new segmenter, the other pair's classifier,
-    selection by the configured metric, and a calibrated pair saved."""
+    selection by the configured metric, hard negatives placed by that pair's segmenter (whose sum
+    the summary records), and a calibrated pair saved."""
     from pipeline.models.model_io import load_pair
 
     work, run_dir, _, second, _ = interrupted_then_resumed
     assert second.returncode == 0, second.stderr[-3000:]
     new = work / "segmenter-only"
     args = quick_args(synthetic_root, work, new, "--stage", "segmenter", "--classifier-from",
-                      str(run_dir), "--set", "segmenter.monitor=val_tumor_slice_dice")
+                      str(run_dir), "--set", "segmenter.monitor=val_tumor_slice_dice",
+                      "--set", f"segmenter.hard_negatives.reference={run_dir}")
     done = run_cli(args)
     assert done.returncode == 0, done.stderr[-3000:]
+    stage = json.loads((new / "summary.json").read_text())["stages"]["segmenter"]
+    reference = stage["hard_negative_reference"]
+    recorded = json.loads((run_dir / "pipeline.json").read_text())["sha256"]["segmenter.keras"]
+    assert reference == {"pair": str(run_dir), "segmenter_sha256": recorded}
     assert not (new / "classifier").exists()  # no classifier trained in this run
     marker = json.loads((new / "segmenter" / "train.done.json").read_text())
     history = pd.read_csv(new / "segmenter" / "history.csv")

@@ -8,10 +8,15 @@ stage folder (``hard_negatives.npz``) so a resumed run reuses them:
 * a reference segmenter's false positives (e.g. the committed release, which outlines normal
   cortex): slices where it fires weigh ``weight`` more, and their empty crops are placed on
   the pixels where it fired.
+
+The cache holds a fingerprint of the two scoring models' weights (`scorer_fingerprint`): a
+resumed run whose classifier or reference changed scores again instead of reusing the old
+weights (`models/` is the reference by default, and it changes with every release).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -25,6 +30,30 @@ from pipeline.io_utils import atomic_save
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "hard_negatives.npz"
+
+
+def scorer_fingerprint(classifier: keras.Model | None, reference_segmenter: keras.Model | None) -> str:
+    """sha256 hex over the weights of the models that score the empty slices (either may be None)."""
+    digest = hashlib.sha256()
+    for role, model in (("classifier", classifier), ("reference", reference_segmenter)):
+        digest.update(role.encode() + (b"" if model is None else b":model"))
+        for weight in (model.weights if model is not None else ()):
+            array = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(str(array.shape).encode() + array.dtype.str.encode() + array.tobytes())
+    return digest.hexdigest()
+
+
+def _cached_scores(cache: Path, empty: np.ndarray, fingerprint: str, width: int):
+    """(probs, hot) from `cache` when it holds the positions `empty` scored by `fingerprint`, else None."""
+    with np.load(cache) as saved:
+        if not np.array_equal(saved["positions"], empty):
+            return None
+        if "scorers" not in saved.files or str(saved["scorers"]) != fingerprint:
+            log.info("hard negatives: %s was scored by other models (classifier or reference); scoring again",
+                     cache)
+            return None
+        hot = np.unpackbits(saved["hot"], axis=-1, count=width).astype(bool) if saved["has_hot"] else None
+        return saved["probs"], hot
 
 
 def score_empty_slices(
@@ -70,21 +99,20 @@ def sampler_pools(
     train_pos = np.asarray(train_pos, np.int64)
     empty = train_pos[~has_tumor[train_pos]]
     cache = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
-    probs = hot = None
-    if cache is not None and cache.is_file():
-        with np.load(cache) as saved:
-            if np.array_equal(saved["positions"], empty):
-                probs = saved["probs"]
-                hot = (np.unpackbits(saved["hot"], axis=-1, count=arrays.image_size[1]).astype(bool)
-                       if saved["has_hot"] else None)
-    if probs is None:
+    fingerprint = scorer_fingerprint(classifier, reference_segmenter)
+    scores = _cached_scores(cache, empty, fingerprint, arrays.image_size[1]) if (
+        cache is not None and cache.is_file()) else None
+    if scores is not None:
+        probs, hot = scores
+    else:
         probs, hot = score_empty_slices(np.asarray(arrays.images[empty]), classifier, reference_segmenter)
         if cache is not None:
             packed = np.packbits(hot, axis=-1) if hot is not None else np.zeros(0, np.uint8)
 
             def write(path: Path) -> None:
                 with open(path, "wb") as fh:  # a file object: savez would append ".npz" to a name
-                    np.savez_compressed(fh, positions=empty, probs=probs, hot=packed, has_hot=hot is not None)
+                    np.savez_compressed(fh, positions=empty, probs=probs, hot=packed, has_hot=hot is not None,
+                                        scorers=np.asarray(fingerprint))
 
             atomic_save(cache, write)
     fires = hot.reshape(len(empty), -1).any(axis=1) if hot is not None else np.zeros(len(empty), bool)

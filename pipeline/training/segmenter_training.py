@@ -31,6 +31,7 @@ from pipeline.data.dataset import make_dataset
 from pipeline.losses import get_loss
 from pipeline.metrics import DiceMetric, IoUMetric
 from pipeline.models.model_io import SEGMENTER_FILE, load_model, load_pair, save_model
+from pipeline.models.pair_artifact import read_pair_meta
 from pipeline.models.resnet_unet import build_resnet_unet
 from pipeline.models.resunet import build_resunet
 from pipeline.training import callbacks as cb
@@ -80,17 +81,34 @@ def augment_params(cfg: Config) -> AugmentParams:
     return AugmentParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 
-def _reference_segmenter(cfg: Config) -> keras.Model | None:
-    """The segmenter of `segmenter.hard_negatives.reference` (a pair folder), or None when unset or absent."""
+def _reference_dir(cfg: Config, *, warn: bool = False) -> Path | None:
+    """The pair folder of `segmenter.hard_negatives.reference`, or None when unset or without a segmenter."""
     ref = cfg.segmenter.hard_negatives.reference
     if not ref:
         return None
     path = project_path(ref)
     if not (path / SEGMENTER_FILE).is_file():
-        log.warning("segmenter: hard-negative reference %s has no %s; empty crops use the classifier only",
-                    path, SEGMENTER_FILE)
+        if warn:
+            log.warning("segmenter: hard-negative reference %s has no %s; empty crops use the classifier "
+                        "only", path, SEGMENTER_FILE)
         return None
-    return load_pair(path).segmenter
+    return path
+
+
+def _reference_segmenter(cfg: Config) -> keras.Model | None:
+    """The segmenter of `segmenter.hard_negatives.reference` (a pair folder), or None when unset or absent."""
+    path = _reference_dir(cfg, warn=True)
+    return load_pair(path).segmenter if path is not None else None
+
+
+def reference_record(cfg: Config) -> dict[str, str] | None:
+    """Which pair placed the hard negatives: {"pair": folder, "segmenter_sha256": its recorded sum},
+    or None without one. For the run's summary: `reference: models` names whatever release is
+    committed when the run starts, so the folder alone does not say which segmenter it was."""
+    path = _reference_dir(cfg)
+    if path is None:
+        return None
+    return {"pair": str(path), "segmenter_sha256": read_pair_meta(path).sha256.get(SEGMENTER_FILE, "")}
 
 
 def _mix_dataset(cfg: Config, data: TrainingData, train_pos, stage_dir: Path, classifier, weight_map):
@@ -212,5 +230,6 @@ def train_segmenter(
         "loss": s.loss.name,
         "train_slices": int(len(train_pos)),
         "val_slices": int(len(val_pos)),
+        "hard_negative_reference": reference_record(cfg) if s.train_on == "mix" else None,
     }
     return StageResult(model, [result], result.best, s.monitor, rows, info)
