@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.models.agreement import MASK_AGREEMENT, PROBABILITY_TOL
+from pipeline.models.agreement import MASK_AGREEMENT, MASK_DICE, PROBABILITY_TOL
 from pipeline.quantization import int8 as q
 
 
@@ -82,7 +82,8 @@ def test_int8_files_are_listed_with_their_sums_and_stale_ones_dropped(tmp_path):
 
 def _measured(**drops):
     """{variant: measurements} passing every check, with the given (variant -> overrides)."""
-    ok = {"drop": 0.0, "max_probability_diff": 0.0, "segmenter_mask_agreement": 1.0}
+    ok = {"drop": 0.0, "max_probability_diff": 0.0, "segmenter_mask_agreement": 1.0,
+          "segmenter_mask_dice": 1.0}
     return {v: {**ok, **drops.get(v, {})} for v in q.VARIANTS}
 
 
@@ -97,6 +98,9 @@ def test_the_variant_with_the_most_int8_models_among_those_that_pass_is_kept():
       "classifier": {"max_probability_diff": PROBABILITY_TOL * 1.1}}, "segmenter"),  # the gate moves
     ({"both": {"segmenter_mask_agreement": MASK_AGREEMENT - 1e-3},
       "segmenter": {"segmenter_mask_agreement": MASK_AGREEMENT - 1e-3}}, "classifier"),
+    # nearly every pixel agrees, yet the tumour's outline moves: the variant check's Dice limit
+    ({"both": {"segmenter_mask_dice": MASK_DICE - 1e-3},
+      "segmenter": {"segmenter_mask_dice": MASK_DICE - 1e-3}}, "classifier"),
     ({v: {"drop": 0.1} for v in q.VARIANTS}, None),  # nothing passes: nothing is written
 ])
 def test_a_variant_is_rejected_by_any_one_check(failure, kept):
@@ -108,7 +112,8 @@ def test_a_variant_is_rejected_by_any_one_check(failure, kept):
 
 def test_the_limits_themselves_pass():
     measured = _measured(both={"drop": q.MAX_DROP, "max_probability_diff": PROBABILITY_TOL,
-                               "segmenter_mask_agreement": MASK_AGREEMENT})
+                               "segmenter_mask_agreement": MASK_AGREEMENT,
+                               "segmenter_mask_dice": MASK_DICE})
     assert q.decide(measured) == "both"
     assert q.decide(measured, max_drop=q.MAX_DROP / 2) == "classifier"
 
@@ -132,3 +137,9 @@ def test_the_validation_numbers_come_from_the_report_not_its_display_text(tmp_pa
                                             None, None)
     assert dice == 0.8125 and probabilities.tolist() == [0.25, 0.75]
     assert seen["split"] == "val" and seen["backend"] == "openvino" and seen["precision"] == "auto"
+
+
+def test_an_unknown_quantization_preset_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization preset 'fast'; valid: mixed, performance"):
+        q.quantize_ir(tmp_path / "model.xml", np.zeros((1, 8, 8, 3), np.float32), tmp_path / "out.xml",
+                      preset="fast")

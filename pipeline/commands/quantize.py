@@ -15,7 +15,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the `quantize` sub-command."""
     from pipeline.commands.arguments import add_data_arguments, add_pair_arguments
-    from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP
+    from pipeline.quantization import DEFAULT_CALIBRATION_SLICES, MAX_DROP, PRESETS
 
     add_pair_arguments(parser, unverified=False)
     add_data_arguments(parser)
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_CALIBRATION_SLICES})")
     parser.add_argument("--max-drop", type=float, default=MAX_DROP,
                         help=f"largest validation end-to-end Dice drop to accept (default {MAX_DROP})")
+    parser.add_argument("--preset", choices=PRESETS, default=PRESETS[0],
+                        help="NNCF quantization preset (default %(default)s: asymmetric activations; "
+                             "`performance` makes them symmetric too)")
     parser.add_argument("--dry-run", action="store_true", help="measure only; write nothing into the pair")
     parser.add_argument("--work-dir", default=None,
                         help="where the candidates and evaluations go (default: a temp dir)")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         pair_dir = resolve_pair_args(args).pair_dir
         report = quantize_pair(pair_dir, data_dir=args.data_dir, cache_dir=args.cache_dir,
                                n_calibration=args.calibration_slices, max_drop=args.max_drop,
-                               write=not args.dry_run, work_dir=args.work_dir)
+                               write=not args.dry_run, work_dir=args.work_dir, preset=args.preset)
     except (DataError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

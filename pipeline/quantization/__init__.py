@@ -9,3 +9,4 @@ The defaults live here, so `quantize --help` imports nothing heavy.
 
 MAX_DROP = 0.005  # largest validation end-to-end Dice drop a kept INT8 variant may cost
 DEFAULT_CALIBRATION_SLICES = 300  # training-patient slices for NNCF's statistics
+PRESETS = ("mixed", "performance")  # NNCF QuantizationPreset values; the first is the default
