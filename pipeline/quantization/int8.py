@@ -128,7 +128,7 @@ def _segmenter_masks(f32_xml: Path, int8_xml: Path, index_df: Any, images: np.nd
     if not maps[0]:
         return 1.0, 1.0
     a, b = (np.concatenate(m) for m in maps)
-    return mask_agreement(a, b, 0.5), mask_dice(a, b, 0.5)
+    return mask_agreement(a, b, 0.5), mask_dice(a, b, 0.5)  # already masks: a bool above 0.5 is itself
 
 
 def _int8_record(meta: dict[str, Any], files: dict[str, dict[str, Any]], directory: Path,
