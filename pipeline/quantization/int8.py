@@ -16,7 +16,9 @@ NNCF's `mixed` preset (symmetric weights, asymmetric activations) is the default
 0.3.1's ensemble segmenter its masks reached a Dice of 0.994 against the float32 IR (185
 validation slices, mask 0.2), where the `performance` preset (symmetric activations too) had
 reached 0.963 against Keras (0.3.0's mask 0.5): an asymmetric range fits activations that are
-not centred on zero more finely.
+not centred on zero more finely. That copy still gave wrong end-to-end maps on the test patients
+(0.41 against 0.843; segmenter alone 0.836): these checks run full batches, not the flagged-slice
+batch lengths of the pipeline, so passing them is necessary, not sufficient (README, INT8).
 
 When files are written, the pair's variant record is checked again on this CPU
 (`pipeline.inference.backends.variant_check`), so `auto` runs the new
