@@ -12,6 +12,8 @@ and stores the outcome in the pair's `pipeline.json`:
         "files_sha256": {pair file: sum} the variant ran (`.keras`, and the INT8 files for int8),
         "threshold": the pair's gate (classifier) or mask threshold (segmenter, where its masks
         were compared) when checked,
+        "ok_idle": bool, "under_load": {the same fields, "busy_processes": int} (from 0.3.2 on: the
+        run compiled again while other processes kept the cores busy; `ok` needs both),
         ... (gate_flips, openvino, checked: kept as written)}}}}
 
 role: `classifier` or `segmenter`; cpu class: `CPU_CLASSES` (`pipeline.models.precision.cpu_class`);
@@ -82,6 +84,11 @@ def _check_result(where: str, result: Any, cpu: str) -> None:
     if not isinstance(sums, Mapping) or not sums or not all(
             isinstance(k, str) and isinstance(v, str) and _HEX64.match(v) for k, v in sums.items()):
         raise ValueError(f"{where}.files_sha256 must map the pair's file names to 64-digit hex sums")
+    if "under_load" in result:  # records written before 0.3.2 have none
+        loaded = result["under_load"]
+        _check_result(f"{where}.under_load", loaded, cpu)
+        if result["ok"] and not loaded["ok"]:
+            raise ValueError(f"{where}.ok is true, but its run under load failed")
 
 
 def _level(where: str, value: Any, valid: tuple[str, ...], what: str) -> Mapping[str, Any]:
@@ -130,6 +137,10 @@ def failure(result: Mapping[str, Any]) -> str:
 
     if result.get("ok"):
         return ""
+    loaded = result.get("under_load")
+    if result.get("ok_idle") and isinstance(loaded, Mapping) and not loaded.get("ok"):
+        return (f"on a CPU kept busy by {loaded.get('busy_processes', '?')} other processes, "
+                f"{failure(loaded)} (idle it passed)")
     n = result.get("n_slices")
     if (result.get("kind") == "map" and result["mask_agreement"] >= MASK_AGREEMENT
             and result.get("mask_dice", 1.0) < MASK_DICE):

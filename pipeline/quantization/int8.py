@@ -118,10 +118,10 @@ def _segmenter_masks(f32_xml: Path, int8_xml: Path, index_df: Any, images: np.nd
                      cut: float) -> tuple[float, float]:
     """(share of pixels on the same side of `cut`, pooled mask Dice) of the two IRs' maps on every
     validation slice (`agreement.mask_agreement`, `agreement.mask_dice`)."""
-    from pipeline.inference.backends.openvino_runner import OpenVINORunner
+    from pipeline.inference.backends.openvino_runner import OpenVINORunner, int8_runner
 
     positions = select_positions(index_df, "val", splits)
-    runners = OpenVINORunner(f32_xml, "f32"), OpenVINORunner(int8_xml, "f32")
+    runners = OpenVINORunner(f32_xml, "f32"), int8_runner(int8_xml)  # each as the pipeline runs it
     maps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for start in range(0, len(positions), 16):
         x = np.asarray(images[positions[start : start + 16]], np.float32)

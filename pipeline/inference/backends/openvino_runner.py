@@ -20,15 +20,21 @@ Variants: each model runs as `f32` or `bf16` (the `INFERENCE_PRECISION_HINT` of 
   fastest is kept: each is timed once on this machine (`variant_rates`, `_rate`) and the choice
   recorded per CPU (`cpu_key`) in the cache manifest (`variant_by_cpu`), read by later runs while
   the candidates are the same;
-* without a record for this CPU class, as before records existed: the pair's INT8 IR if it ships
-  one (checked on validation slices where it was made); else f32 without native bfloat16
-  (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks BF16); else bf16 only when it agrees with Keras on
-  the synthetic probe within half the tolerance (`_auto_agrees`, as real slices drift further),
-  then with AMX bf16, and with AVX512-BF16 alone both timed once and bf16 kept only when >=
-  `BF16_MARGIN` faster (`precision_by_cpu` in the manifest).
+* without a record for this CPU class: never the INT8 IR (checked where it was made is not
+  checked here); f32 without native bfloat16 (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks BF16);
+  else bf16 only when it agrees with Keras on the synthetic probe within half the tolerance
+  (`_auto_agrees`, as real slices drift further), then with AMX bf16, and with AVX512-BF16 alone
+  both timed once and bf16 kept only when >= `BF16_MARGIN` faster (`precision_by_cpu` in the
+  manifest).
 `f32` / `bf16` / `int8` force a variant; one the pair's record marks failed on this CPU class is
 refused (BackendError naming the check and the drift). Every precision hint is checked against
 Keras (`agreement`) the first time it is used with a model; a disagreement raises BackendError.
+
+INT8 IRs run on one stream (`INT8_STREAMS`). Measured (2-core AVX2 EPYC, OpenVINO 2026.4.1, the
+0.3.1 segmenter's INT8 IR): compiled with two streams while other processes kept the cores busy,
+it gave wrong maps in 4 of 5 compiles (up to 0.55 from float32, masks 27x too large), the same on
+every later batch of that compile, with no error; on an idle CPU, and with one stream under the same
+load (6 of 6), it matched. float32 with two streams under that load matched (5 of 5).
 
 Measured on the release classifier (2-core AMX Xeon, OpenVINO 2026.4.1): bf16 drifts up to 0.021
 from Keras on the validation slices, and keeping the head (pooling, dense, sigmoid), the last
@@ -56,8 +62,8 @@ from pipeline.models.variant_record import failure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "OpenVINORunner", "choose_variant", "cpu_key", "openvino_runner", "variant_rates",
-           "variant_runner"]
+__all__ = ["PRECISIONS", "OpenVINORunner", "choose_variant", "cpu_key", "int8_runner", "openvino_runner",
+           "variant_rates", "variant_runner"]
 
 BF16_MARGIN = 1.10
 AUTO_PROBABILITY_MARGIN = 0.5
@@ -65,6 +71,7 @@ LOAD_PROBE_SLICES = 2  # the behaviour probe of an IR loaded from the cache: a s
 LOAD_DRIFT_FACTOR = 2.0  # its outputs may drift this many times what the export check measured
 LOAD_DRIFT_FLOOR = 1e-3  # ... and at least this much (another batch shape rounds differently)
 MAX_STREAMS = 4  # more parts would make each too small to use a core well at batch 16
+INT8_STREAMS = 1  # module docstring: two streams on a loaded CPU gave wrong INT8 maps
 TIMING_REPEATS = 3
 _CORE: Any = None
 
@@ -228,13 +235,20 @@ def _unrecorded_choice(entry: IREntry, model: Any) -> str:
     return chosen
 
 
+def int8_runner(xml: str | os.PathLike, compiled_dir: str | os.PathLike | None = None,
+                entry: IREntry | None = None) -> OpenVINORunner:
+    """The runner of an INT8 IR `xml`: its quantized layers in 8 bits whatever the hint (f32
+    elsewhere), on `INT8_STREAMS` streams (module docstring), reporting precision `int8`."""
+    return OpenVINORunner(Path(xml), "f32", compiled_dir, streams=INT8_STREAMS, label=INT8, entry=entry)
+
+
 def variant_runner(entry: IREntry, variant: str, int8_xml: str | os.PathLike | None = None) -> OpenVINORunner:
     """The runner of one variant: the cached IR under the `f32` / `bf16` hint, or for `int8` the
     pair's INT8 IR `int8_xml` (its quantized layers run in 8 bits whatever the hint; f32 elsewhere)."""
     if variant == INT8:
         if int8_xml is None:
             raise ValueError("the int8 variant needs the pair's INT8 IR (int8_xml)")
-        return OpenVINORunner(Path(int8_xml), "f32", entry.compiled_dir, label=INT8, entry=entry)
+        return int8_runner(int8_xml, entry.compiled_dir, entry)
     return OpenVINORunner(entry.xml, variant, entry.compiled_dir, entry=entry)
 
 
@@ -250,11 +264,13 @@ def _candidates(entry: IREntry, model: Any, record: Mapping[str, Any],
                 int8_xml: str | os.PathLike | None) -> list[str]:
     """The variants `auto` may run: f32, and those the pair's `record` (this CPU class) marks ok
     that can run here - bf16 only where the CPU runs it natively and it also passes the IR's
-    own agreement check (`_agreement`, the synthetic probe), int8 only where the pair ships it."""
+    own agreement check (`_agreement`, the synthetic probe), int8 only where the pair ships it and
+    its record includes the run under load (`variant_check`; records before 0.3.2 lack it)."""
     out = ["f32"]
     if record.get("bf16", {}).get("ok") and native_bf16() and _agreement(entry, model, "bf16")["ok"]:
         out.append("bf16")
-    if record.get(INT8, {}).get("ok") and int8_xml is not None:
+    int8 = record.get(INT8, {})
+    if int8.get("ok") and "under_load" in int8 and int8_xml is not None:
         out.append(INT8)
     return out
 
@@ -302,8 +318,8 @@ def choose_variant(entry: IREntry, model: Any, requested: str = AUTO, record: Ma
             log.info("no INT8 IR of %s in the pair: it runs f32", getattr(model, "name", "the model"))
             return "f32"
         return requested
-    if not record:  # no check on this CPU class: the pair's INT8 IR (checked when made), else as before
-        return INT8 if int8_xml is not None else _unrecorded_choice(entry, model)
+    if not record:  # no check on this CPU class: never INT8 (module docstring)
+        return _unrecorded_choice(entry, model)
     candidates = _candidates(entry, model, record, int8_xml)
     return candidates[0] if len(candidates) == 1 else _fastest(entry, model, candidates, record, int8_xml)
 

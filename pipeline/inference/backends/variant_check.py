@@ -10,7 +10,10 @@ patients (its `splits.csv`, read through the index and array caches,
 `MASK_AGREEMENT` of the pixels and their Dice against Keras' masks >= `MASK_DICE`); for the classifier the
 result also counts the gate decisions that differ at the pair's threshold (`gate_flips`; the
 probability tolerance lets only slices within it of the threshold flip,
-`gate_flips_beyond_tolerance` counts the others and must be 0). The results are filed in the
+`gate_flips_beyond_tolerance` counts the others and must be 0). Each variant runs twice: on this
+machine as it is, then compiled again while other processes keep every core busy
+(`cpu_load.busy_cores`; `under_load` in the result, which passes only when both runs do), as an
+INT8 IR that agreed on an idle CPU gave wrong maps under load. The results are filed in the
 pair's `pipeline.json` under this CPU's class (`pair_artifact.record_variants`), where `auto`
 reads them (`openvino_runner.choose_variant`).
 """
@@ -90,21 +93,31 @@ def variant_result(reference: np.ndarray, candidate: np.ndarray, cpu: str, files
 
 def _runners(role: str, model: Any, sums: dict[str, str], int8: dict[str, Path], meta: dict[str, Any],
              cache_dir: Any) -> dict[str, tuple[Any, dict[str, str]]]:
-    """{variant: (runner, files_sha256)} of `model` on this machine."""
+    """{variant: (make_runner, files_sha256)} of `model` on this machine; each `make_runner()`
+    compiles a new runner (the check compiles one idle and one under load)."""
+    from functools import partial
+
     from pipeline.inference.backends.openvino_runner import _cached, native_bf16, variant_runner
     from pipeline.models.pair_artifact import INT8_KEY, MODEL_ROLES
 
     name = MODEL_ROLES[role]
     entry, _ = _cached(model, sums[name], cache_dir)
     files = {name: sums[name]}
-    runners = {"f32": (variant_runner(entry, "f32"), files)}
+    runners = {"f32": (partial(variant_runner, entry, "f32"), files)}
     if native_bf16():
-        runners["bf16"] = (variant_runner(entry, "bf16"), files)
+        runners["bf16"] = (partial(variant_runner, entry, "bf16"), files)
     if role in int8:
         shipped = meta[INT8_KEY][role]
-        runners["int8"] = (variant_runner(entry, "int8", int8[role]),
+        runners["int8"] = (partial(variant_runner, entry, "int8", int8[role]),
                            {**files, **{shipped[k]: sums[shipped[k]] for k in ("xml", "bin")}})
     return runners
+
+
+def _under_load(result: dict[str, Any], loaded: dict[str, Any], busy: int) -> dict[str, Any]:
+    """`result` (the idle run) with the run under load filed in: `under_load` (its own result and
+    `busy_processes`), `ok_idle` (the idle run's verdict), `ok` only when both passed."""
+    return {**result, "ok_idle": result["ok"], "ok": bool(result["ok"] and loaded["ok"]),
+            "under_load": {**loaded, "busy_processes": int(busy)}}
 
 
 def _check_model(role: str, model: Any, x: np.ndarray, runners: dict[str, Any], cpu: str,
@@ -112,11 +125,17 @@ def _check_model(role: str, model: Any, x: np.ndarray, runners: dict[str, Any], 
     """{variant: result} of one model (`variant_result` against Keras on `x`)."""
     import openvino
 
+    from pipeline.inference.backends.cpu_load import busy_cores
+
     reference = _predict(model.predict_on_batch, x)
     checked = datetime.now(UTC).isoformat(timespec="seconds")
     results = {}
-    for variant, (runner, files) in runners.items():
-        result = variant_result(reference, _predict(runner.predict_on_batch, x), cpu, files, threshold)
+    for variant, (make_runner, files) in runners.items():
+        result = variant_result(reference, _predict(make_runner().predict_on_batch, x), cpu, files, threshold)
+        with busy_cores() as busy:
+            loaded = variant_result(reference, _predict(make_runner().predict_on_batch, x), cpu, files,
+                                    threshold)
+        result = _under_load(result, loaded, len(busy))
         result.update(openvino=openvino.__version__, checked=checked,
                       slices=f"probe_batch({PROBE_SLICES}) + {len(x) - PROBE_SLICES} validation slices")
         results[variant] = result
