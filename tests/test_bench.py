@@ -62,3 +62,16 @@ def test_bench_diagnosis_times_a_whole_run_per_executor(tiny_pair, synthetic_roo
     table = diagnosis.format_report({"results": [row, ray_row]})
     assert "the pair loaded once" in table and "of the models' rate" in table
     assert "Ray's overhead against local: +5.00 s cold, +2.00 s warm (1 actor(s))" in table
+
+
+def test_bench_models_trains_the_resnet50_encoder_unet(monkeypatch):
+    """`bench models --stages resnet_unet` times the ensemble's ResNet50-encoder member, the one
+    whose training cost decides which policy to train in, not the ResUNet again."""
+    from pipeline.benchmarks.models import measure_stage
+
+    monkeypatch.setenv("LGG_BACKBONE_WEIGHTS", "/nonexistent.h5")  # no ImageNet weights: from scratch
+    resunet = measure_stage("segmenter", "float32", batch_size=1, steps=1, warmup=0, image_size=32)
+    row = measure_stage("resnet_unet", "float32", batch_size=1, steps=1, warmup=0, image_size=32)
+    assert row["stage"] == "resnet_unet" and row["policy"] == "float32"
+    assert row["params"] > 5 * resunet["params"]  # stages 1-4 of ResNet50: ~12M against ~2M
+    assert row["train_images_per_s"] > 0 and row["infer_images_per_s"] > 0

@@ -8,6 +8,10 @@ policy is process-wide and sticks once layers are built), feeds random 0..255 ba
 * training:  `model.train_on_batch` with Adam and binary cross-entropy. The classifier
   trains in the `classifier_mode` strategy (default `all`: fine-tuning, the costlier phase).
 
+Stages: `classifier` (the ResNet50 classifier), `segmenter` (the course ResUNet) and
+`resnet_unet` (the ResNet50-encoder U-Net of `segmenter.encoder: resnet50` with its defaults:
+stages 1-4, stage 4 fine-tuned), the ensemble member that costs the most to train.
+
 and reports images/s and the process's peak resident memory. This is a measurement to quote,
 never a test: numbers depend on the machine and on whatever else runs on it (the load
 average is printed with the results).
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.benchmarks import run_worker, worker_main
 
-STAGES = ("classifier", "segmenter")
+STAGES = ("classifier", "segmenter", "resnet_unet")
 
 
 @dataclass(frozen=True)
@@ -72,23 +76,24 @@ def measure_stage(stage: str, policy: str, *, batch_size: int, steps: int, warmu
     from pipeline.models.backbone_weights import BackboneWeightsMissing, resolve_backbone_weights
     from pipeline.models.precision import apply_policy
     from pipeline.models.resnet_classifier import build_classifier, set_backbone_trainable
+    from pipeline.models.resnet_unet import build_resnet_unet
     from pipeline.models.resunet import build_resunet
 
     resolved = apply_policy(policy)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, size=(batch_size, image_size, image_size, 3)).astype("float32")
     row: dict = {"stage": stage, "policy_requested": policy, "policy": resolved}
+    try:  # ImageNet weights make the graph identical to training (BN in inference mode)
+        weights = "imagenet" if resolve_backbone_weights("imagenet") else "none"
+    except BackboneWeightsMissing:
+        weights = "none"
     if stage == "classifier":
-        try:  # ImageNet weights make the graph identical to training (BN in inference mode)
-            weights = "imagenet" if resolve_backbone_weights("imagenet") else "none"
-        except BackboneWeightsMissing:
-            weights = "none"
         model = build_classifier(image_size=image_size, weights=weights)
         set_backbone_trainable(model, classifier_mode)
         y = rng.integers(0, 2, size=(batch_size, 1)).astype("float32")
         row.update(backbone_weights=weights, classifier_mode=classifier_mode)
-    elif stage == "segmenter":
-        model = build_resunet()
+    elif stage in ("segmenter", "resnet_unet"):
+        model = build_resunet() if stage == "segmenter" else build_resnet_unet(weights=weights)
         y = (rng.uniform(size=(batch_size, image_size, image_size, 1)) > 0.9).astype("float32")
     else:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
@@ -167,7 +172,7 @@ def format_report(report: dict) -> str:
         f"{env['load_average_start']} at start, {env.get('load_average_end')} at end "
         "(other processes share the CPU: compare rows, not machines)",
         "",
-        f"{'stage':<11} {'policy':<15} {'batch':>5} {'size':>5} {'train img/s':>12} {'infer img/s':>12} "
+        f"{'stage':<12} {'policy':<15} {'batch':>5} {'size':>5} {'train img/s':>12} {'infer img/s':>12} "
         f"{'peak RSS MB':>12} {'train x':>8} {'infer x':>8}",
     ]
     base = {r["stage"]: r for r in rows if r["policy"] == "float32"}
@@ -177,7 +182,7 @@ def format_report(report: dict) -> str:
         if ref:
             speed = (f"{r['train_images_per_s'] / ref['train_images_per_s']:>8.2f} "
                      f"{r['infer_images_per_s'] / ref['infer_images_per_s']:>8.2f}")
-        lines.append(f"{r['stage']:<11} {r['policy']:<15} {r['batch_size']:>5} {r['image_size']:>5} "
+        lines.append(f"{r['stage']:<12} {r['policy']:<15} {r['batch_size']:>5} {r['image_size']:>5} "
                      f"{r['train_images_per_s']:>12.2f} {r['infer_images_per_s']:>12.2f} "
                      f"{r['peak_rss_mb']:>12.0f} {speed}")
     notes = sorted({f"classifier: backbone weights {r['backbone_weights']}, trains {r['classifier_mode']}"

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mixed_float16); duplicates after resolving `auto` run once. "
                              "Default: float32,auto")
     parser.add_argument("--stages", type=_csv, default=("classifier", "segmenter"),
-                        help="comma-separated stages for `models` (default: classifier,segmenter)")
+                        help="comma-separated stages for `models`: classifier, segmenter (the ResUNet), "
+                             "resnet_unet (the ResNet50-encoder U-Net) (default: classifier,segmenter)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
