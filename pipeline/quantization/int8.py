@@ -17,8 +17,10 @@ NNCF's `mixed` preset (symmetric weights, asymmetric activations) is the default
 validation slices, mask 0.2), where the `performance` preset (symmetric activations too) had
 reached 0.963 against Keras (0.3.0's mask 0.5): an asymmetric range fits activations that are
 not centred on zero more finely. That copy still gave wrong end-to-end maps on the test patients
-under `auto` (0.41 against 0.843; segmenter alone 0.836), cause not yet found: passing these
-checks is necessary, not sufficient (README, INT8).
+under `auto` (0.41 against 0.843; segmenter alone 0.836): that evaluation shared the CPU with
+another process, and an INT8 IR compiled with two streams on a busy CPU gives wrong maps without
+an error. INT8 IRs therefore run on one stream (`openvino_runner.INT8_STREAMS`, here too), and
+the variant check that follows a write runs each variant idle and under load.
 
 When files are written, the pair's variant record is checked again on this CPU
 (`pipeline.inference.backends.variant_check`), so `auto` runs the new
