@@ -18,7 +18,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("pipeline", "pipeline.errors", "pipeline.io_utils", "pipeline.paths", "pipeline.quiet"),
+    ("pipeline", "pipeline.errors", "pipeline.io_utils", "pipeline.paths", "pipeline.quiet",
+     "pipeline.workers"),
     ("pipeline.preprocessing", "pipeline.postprocessing", "pipeline.metrics", "pipeline.losses"),
     ("pipeline.data",),
     ("pipeline.volumes",),

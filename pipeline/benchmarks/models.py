@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import time
 from dataclasses import asdict, dataclass
 
 from pipeline.benchmarks import run_worker, worker_main
+from pipeline.training.policy_probe import time_train_step as _timed
 
 STAGES = ("classifier", "segmenter", "resnet_unet")
 
@@ -52,16 +52,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _timed(fn, steps: int, warmup: int) -> float:
-    """Seconds per call of `fn` over `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
 
 
 def measure_stage(stage: str, policy: str, *, batch_size: int, steps: int, warmup: int, image_size: int,

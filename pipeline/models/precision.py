@@ -5,8 +5,11 @@
 * a visible GPU                        -> ``mixed_float16`` (tensor cores)
 * a CPU advertising ``amx_bf16``         -> ``mixed_bfloat16`` (AMX tiles: measured on a 2-core Xeon,
   the ResNet50-encoder U-Net trains at 13.5 img/s in bf16 against 8.0 in float32)
-* anything else                          -> ``float32``. That includes AVX512-BF16 without AMX:
-  there bf16 was measured slower (the ResUNet trained at 14.3 img/s against 20.2 in float32)
+* anything else                          -> ``float32``. That includes AVX512-BF16 without AMX,
+  where the flags do not settle it (`needs_timing`): the ResUNet trained slower in bf16 (Intel
+  Xeon: 14.3 img/s against 20.2; AMD EPYC: 31.2 against 35.0) but the ResNet50-encoder U-Net
+  faster (AMD EPYC: 18.6 against 12.3). A training run times both there
+  (`pipeline.training.policy_probe`); inference and the benchmarks keep this rule.
 
 Under a mixed policy layers compute in 16 bits and keep float32 variables. The models keep
 their first layer (normalisation) and their sigmoid output layers in float32, and the
@@ -78,6 +81,14 @@ def cpu_class(flags: set[str] | None = None) -> str:
 def cpu_supports_bfloat16(cpuinfo: Path = CPUINFO) -> bool:
     """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
     return bool(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))
+
+
+def needs_timing(flags: set[str] | None = None) -> bool:
+    """True where `auto` cannot choose by the CPU's flags (`flags`, default `cpu_flags()`): native
+    bfloat16 (AVX512-BF16) without AMX and no GPU; whether bf16 trains faster there depends on
+    the model (module docstring)."""
+    flags = cpu_flags() if flags is None else set(flags)
+    return "avx512_bf16" in flags and not flags & set(FAST_BF16_CPU_FLAGS) and not gpu_available()
 
 
 def resolve_policy(name: str = AUTO) -> str:

@@ -31,7 +31,7 @@ from pipeline.data.splits import SPLITS_FILE
 from pipeline.io_utils import atomic_write, atomic_write_json
 from pipeline.models.backbone_weights import SCRATCH_LABEL, from_scratch
 from pipeline.models.model_io import META_FILE, load_pair, save_pair
-from pipeline.models.precision import apply_policy, resolve_policy
+from pipeline.models.precision import apply_policy
 from pipeline.paths import (  # noqa: F401 - latest_run re-exported
     LATEST_FILE,
     LATEST_LINK,
@@ -54,6 +54,7 @@ from pipeline.training.config import (
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
 from pipeline.training.distribute import get_strategy, is_chief, worker_dir, worker_settings
 from pipeline.training.phase import read_marker
+from pipeline.training.policy_probe import training_policy
 from pipeline.training.segmenter_training import train_segmenter
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,9 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
         log.info("distribution: %s with %d replica(s)", type(strategy).__name__,
                  strategy.num_replicas_in_sync)
         training = config.training
-        policy, eager = worker_settings(strategy, resolve_policy(training.policy), training.run_eagerly)
+        policy = training_policy(config, stage, config.data.cache_dir,
+                                 several_workers=config.training.strategy == "multi_worker")
+        policy, eager = worker_settings(strategy, policy, training.run_eagerly)
         config = replace_in(config, "training.run_eagerly", eager)
         policy = apply_policy(policy)
         keras.utils.set_random_seed(config.training.seed)
