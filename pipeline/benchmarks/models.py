@@ -8,13 +8,13 @@ policy is process-wide and sticks once layers are built), feeds random 0..255 ba
 * training:  `model.train_on_batch` with Adam and binary cross-entropy. The classifier
   trains in the `classifier_mode` strategy (default `all`: fine-tuning, the costlier phase).
 
-Stages: `classifier` (the ResNet50 classifier), `segmenter` (the course ResUNet) and
-`resnet_unet` (the ResNet50-encoder U-Net of `segmenter.encoder: resnet50` with its defaults:
-stages 1-4, stage 4 fine-tuned), the ensemble member that costs the most to train.
-
 and reports images/s and the process's peak resident memory. This is a measurement to quote,
 never a test: numbers depend on the machine and on whatever else runs on it (the load
 average is printed with the results).
+
+Stages: `classifier` (the ResNet50 classifier), `segmenter` (the course ResUNet) and
+`resnet_unet` (the ResNet50-encoder U-Net of `segmenter.encoder: resnet50` with its defaults:
+stages 1-4, stage 4 fine-tuned), the ensemble member that costs the most to train.
 """
 
 from __future__ import annotations
