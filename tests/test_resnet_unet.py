@@ -91,3 +91,23 @@ def test_the_config_chooses_the_design():
     plain_cfg = load_config(None, [], ["segmenter.base_filters=4", "segmenter.depth=2"])
     plain = build_segmenter(plain_cfg.segmenter)
     assert ENCODER_NAME not in [layer.name for layer in plain.layers]
+
+
+def test_a_bf16_trained_encoder_runs_on_openvino_as_its_float32_rebuild(tmp_path):
+    """A run trained under mixed_bfloat16 (what `auto` picks on AMX, and on AVX512-BF16 where the
+    probe times it faster) must run on the default backend: its encoder's casts did not compile."""
+    from pipeline.inference.backends.ir_cache import export_ir
+    from pipeline.inference.backends.openvino_runner import OpenVINORunner
+    from pipeline.models.precision import as_float32_model
+
+    before = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = build_resnet_unet(encoder_trainable=1, **TOY)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+    export_ir(mixed, tmp_path / "model.xml")
+    x = _images((2, 64, 64, 3), seed=4)
+    reference = np.asarray(as_float32_model(mixed).predict_on_batch(x))
+    got = OpenVINORunner(tmp_path / "model.xml", "f32").predict_on_batch(x)
+    np.testing.assert_allclose(got, reference, atol=1e-4)

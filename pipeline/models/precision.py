@@ -160,3 +160,13 @@ def with_policy(model: keras.Model, policy: str, keep: tuple[str, ...] = FLOAT32
     rebuilt.set_weights([np.asarray(w, np.float32) if np.issubdtype(np.asarray(w).dtype, np.floating)
                          else w for w in model.get_weights()])
     return rebuilt
+
+
+def as_float32_model(model: keras.Model) -> keras.Model:
+    """`model` itself when every layer computes in float32, else a float32 rebuild with its weights.
+
+    A run trained under a mixed policy (GPU `mixed_float16`, CPU `mixed_bfloat16`) has layers that
+    compute in 16 bits. The release runs everywhere, so it computes in float32, and so does an
+    OpenVINO export (OpenVINO's CPU plugin cannot compile the casts of a bf16-trained encoder).
+    """
+    return with_policy(model, "float32", keep=())

@@ -61,7 +61,7 @@ from pipeline.models.pair_artifact import (
     write_pair_meta,
     write_sums,
 )
-from pipeline.models.precision import with_policy
+from pipeline.models.precision import as_float32_model
 from pipeline.paths import MODELS_DIR, PROJECT_ROOT, from_project
 
 DEFAULT_RELEASE_DIR = MODELS_DIR
@@ -98,15 +98,6 @@ class ProbeSpec:
 
 
 # ---------------------------------------------------------------------------- float32 models
-
-
-def as_float32_model(model: keras.Model) -> keras.Model:
-    """`model` itself when every layer computes in float32, else a float32 rebuild with its weights.
-
-    A run trained under a mixed policy (GPU `mixed_float16`, CPU `mixed_bfloat16`) has layers that
-    compute in 16 bits; the release runs everywhere, so it computes in float32.
-    """
-    return with_policy(model, "float32", keep=())
 
 
 # ---------------------------------------------------------------------------- float16 storage

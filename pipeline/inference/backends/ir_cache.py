@@ -48,7 +48,8 @@ MANIFEST = "manifest.json"
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 COMPILED = "compiled"
-FORMAT = 5  # bump when the meaning of the manifest or the export changes (5: compiled_sha256)
+FORMAT = 6  # bump when the meaning of the manifest or the export changes (5: compiled_sha256; 6: a
+# mixed-policy model is exported as its float32 rebuild)
 
 
 def cache_root(flag: str | os.PathLike | None = None) -> Path:
@@ -186,14 +187,19 @@ def export_ir(model: Any, xml: Path) -> None:
     nested backbone called without an explicit flag (the from-scratch classifier) is then traced
     with batch statistics in its BatchNormalization layers - a different function from Keras'
     `predict`. It also keeps the weights in float32 (`save_model` would halve them to float16),
-    and upsampling layers are exported as resizes (`_export_graph`).
+    and upsampling layers are exported as resizes (`_export_graph`). A model trained under a
+    mixed policy is exported as its float32 rebuild (`as_float32_model`, as the release stores
+    it): the casts of a bf16-trained ResNet50 encoder do not compile on OpenVINO's CPU plugin
+    ("Unsupported operation of type: Convert"), and the hint (f32, bf16) sets the precision anyway.
     """
     import openvino as ov
     import tensorflow as tf
 
+    from pipeline.models.precision import as_float32_model
+
     shape = tuple(model.input_shape)
     spec = tf.TensorSpec((None, *shape[1:]), tf.float32, name="image")
-    graph = _export_graph(model)
+    graph = _export_graph(as_float32_model(model))
     function = tf.function(lambda x: graph(x, training=False), input_signature=[spec])
     ov.save_model(ov.convert_model(function.get_concrete_function()), str(xml), compress_to_fp16=False)
 
