@@ -70,6 +70,19 @@ def test_a_damaged_cache_is_timed_again(monkeypatch, tmp_path):
     assert len(timer.calls) == 2
 
 
+def test_a_failed_probe_falls_back_to_the_flag_rule_and_is_not_remembered(monkeypatch, tmp_path):
+    from pipeline.models.precision import resolve_policy
+
+    monkeypatch.setattr(policy_probe, "needs_timing", lambda: True)
+
+    def broken(spec, policy):
+        raise RuntimeError("worker timing segmenter under float32 failed (exit -9)")
+
+    policy = policy_probe.training_policy(_config(), "segmenter", tmp_path, measure=broken)
+    assert policy == resolve_policy("auto")
+    assert not (tmp_path / policy_probe.CACHE_FILE).exists()
+
+
 @pytest.mark.parametrize("overrides, kwargs", [
     (("training.policy=float32",), {}),                 # asked for explicitly
     (("training.policy=mixed_bfloat16",), {}),

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -125,7 +126,12 @@ def training_policy(config: Any, stage: str, cache_dir: str | os.PathLike, *, se
         return known["policy"]
     log.info("auto dtype policy: AVX512-BF16 without AMX, timing %s under %s", ", ".join(
         s["stage"] for s in specs), " and ".join(CANDIDATES))
-    rates = {p: [measure(s, p) for s in specs] for p in CANDIDATES}
+    try:
+        rates = {p: [measure(s, p) for s in specs] for p in CANDIDATES}
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # a failed probe must not stop the run
+        log.warning("timing the dtype policies failed, training under the flag rule's %s: %s",
+                    resolve_policy(AUTO), exc)
+        return resolve_policy(AUTO)
     policy = choose(rates)
     log.info("dtype policy %s (train images/s per model: %s)", policy, rates)
     cache[key] = {"policy": policy, "train_images_per_s": rates,
