@@ -20,7 +20,6 @@ stages 1-4, stage 4 fine-tuned), the ensemble member that costs the most to trai
 from __future__ import annotations
 
 import os
-import platform
 import resource
 from dataclasses import asdict, dataclass
 
@@ -41,17 +40,6 @@ class BenchConfig:
     warmup: int = 2
     image_size: int = 256
     classifier_mode: str = "all"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure_stage(stage: str, policy: str, *, batch_size: int, steps: int, warmup: int, image_size: int,
@@ -129,10 +117,16 @@ def environment() -> dict:
     import keras
     import tensorflow as tf
 
-    from pipeline.models.precision import cpu_flags, cpu_supports_bfloat16, gpu_available, resolve_policy
+    from pipeline.models.precision import (
+        cpu_flags,
+        cpu_model_name,
+        cpu_supports_bfloat16,
+        gpu_available,
+        resolve_policy,
+    )
 
     return {
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpu_available(),
+        "cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "gpu": gpu_available(),
         "cpu_flags": sorted(cpu_flags() & set(SPEED_FLAGS)),
         "cpu_native_bfloat16": cpu_supports_bfloat16(), "auto_policy": resolve_policy("auto"),
         "tensorflow": tf.__version__, "keras": keras.__version__,

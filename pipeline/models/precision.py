@@ -19,6 +19,7 @@ losses are computed in float32, so probabilities and loss values are never round
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,18 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
         if key.strip() == "flags":
             flags.update(value.split())
     return flags
+
+
+def cpu_model_name(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model name from `/proc/cpuinfo` (`platform.processor()` where it does not say)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or "unknown"
 
 
 def cpu_class(flags: set[str] | None = None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.io_utils import atomic_write_json
-from pipeline.models.precision import AUTO, cpu_flags, needs_timing, resolve_policy
+from pipeline.models.precision import AUTO, cpu_flags, cpu_model_name, needs_timing, resolve_policy
 from pipeline.workers import run_worker, worker_main
 
 log = logging.getLogger(__name__)
@@ -76,18 +75,8 @@ def _cache_key(specs: list[dict[str, Any]]) -> str:
     import tensorflow as tf
 
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    return (f"{_cpu_name()} [{' '.join(flags)}] x{os.cpu_count()} tf{tf.__version__} "
+    return (f"{cpu_model_name()} [{' '.join(flags)}] x{os.cpu_count()} tf{tf.__version__} "
             f"{json.dumps(specs, sort_keys=True)}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -129,9 +118,9 @@ def training_policy(config: Any, stage: str, cache_dir: str | os.PathLike, *, se
     try:
         rates = {p: [measure(s, p) for s in specs] for p in CANDIDATES}
     except (RuntimeError, subprocess.TimeoutExpired) as exc:  # a failed probe must not stop the run
-        log.warning("timing the dtype policies failed, training under the flag rule's %s: %s",
-                    resolve_policy(AUTO), exc)
-        return resolve_policy(AUTO)
+        policy = resolve_policy(AUTO)
+        log.warning("timing the dtype policies failed, training under the flag rule's %s: %s", policy, exc)
+        return policy
     policy = choose(rates)
     log.info("dtype policy %s (train images/s per model: %s)", policy, rates)
     cache[key] = {"policy": policy, "train_images_per_s": rates,

@@ -52,7 +52,7 @@ from pipeline.training.config import (
     replace_in,
 )
 from pipeline.training.data_prep import TrainingData, copy_splits, prepare_data
-from pipeline.training.distribute import get_strategy, is_chief, worker_dir, worker_settings
+from pipeline.training.distribute import across_workers, get_strategy, is_chief, worker_dir, worker_settings
 from pipeline.training.phase import read_marker
 from pipeline.training.policy_probe import training_policy
 from pipeline.training.segmenter_training import train_segmenter
@@ -174,8 +174,8 @@ def _train_in(config: Config, run_dir: Path, stage: str, classifier_from: str | 
         log.info("distribution: %s with %d replica(s)", type(strategy).__name__,
                  strategy.num_replicas_in_sync)
         training = config.training
-        policy = training_policy(config, stage, config.data.cache_dir,
-                                 several_workers=config.training.strategy == "multi_worker")
+        several = across_workers(strategy)  # the rule worker_settings applies below
+        policy = training_policy(config, stage, config.data.cache_dir, several_workers=several)
         policy, eager = worker_settings(strategy, policy, training.run_eagerly)
         config = replace_in(config, "training.run_eagerly", eager)
         policy = apply_policy(policy)
