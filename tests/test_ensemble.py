@@ -113,3 +113,41 @@ def test_an_ensemble_runs_under_another_policy_with_its_probabilities_in_float32
     np.testing.assert_allclose(got, want, atol=0.05)
     back = with_policy(mixed, "float32", keep=())
     assert {layer.dtype_policy.name for m in ensemble_members(back) for layer in m.layers} == {"float32"}
+
+
+def test_an_ensemble_given_whole_adds_its_members_and_dir_hash_k_takes_one(ensemble_pair, tiny_pair,
+                                                                          members, images, tmp_path):
+    """Swapping one member of a release: `ensemble NEW models#1` keeps member 1 and drops member 0;
+    an ensemble given whole counts as its members (one vote each, not one vote for the lot)."""
+    from pipeline.cli import main
+
+    x = np.stack(images).astype("float32")
+    other = model_io.load_pair(tiny_pair).segmenter
+    want_other = np.asarray(other(x, training=False))[..., 0]
+    want = [np.asarray(m(x, training=False))[..., 0] for m in members]
+
+    assert main(["ensemble", str(ensemble_pair), str(tiny_pair), "--out", str(tmp_path / "three")]) == 0
+    three = model_io.load_pair(tmp_path / "three")
+    assert len(ensemble_members(three.segmenter)) == 3
+    assert three.meta["ensemble"]["networks"] == 3
+    np.testing.assert_allclose(np.asarray(three.segmenter(x))[..., 0], np.mean([*want, want_other], axis=0),
+                               atol=1e-5)
+
+    assert main(["ensemble", f"{ensemble_pair}#1", str(tiny_pair), "--out", str(tmp_path / "swap")]) == 0
+    swap = model_io.load_pair(tmp_path / "swap")
+    assert len(ensemble_members(swap.segmenter)) == swap.meta["ensemble"]["networks"] == 2
+    np.testing.assert_allclose(np.asarray(swap.segmenter(x))[..., 0], np.mean([want[1], want_other], axis=0),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, message", [("{ens}#2", "has 2 members"), ("{tiny}#0", "not an ensemble"),
+                                           ("{ens}#0", "at least 2")])
+def test_a_member_that_does_not_exist_or_too_few_networks_are_refused(ensemble_pair, tiny_pair, tmp_path,
+                                                                      capsys, spec, message):
+    from pipeline.cli import main
+
+    source = spec.format(ens=ensemble_pair, tiny=tiny_pair)
+    extra = [] if message == "at least 2" else [str(tiny_pair)]
+    assert main(["ensemble", source, *extra, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "pipeline.json").exists()
