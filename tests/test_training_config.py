@@ -170,3 +170,17 @@ def test_the_dataclass_defaults_are_the_default_yaml():
     from_yaml = config_to_dict(load_config(DEFAULT_CONFIG))
     from_code = config_to_dict(load_config(None))
     assert from_code == from_yaml
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["segmenter.validate_every=0"], r"segmenter.validate_every: must be >= 1"),
+        (["segmenter.validate_every=2", "segmenter.train_on=tumor", "segmenter.monitor=val_dice"],
+         r"validate_every > 1 needs the pipeline selection"),
+    ],
+)
+def test_validate_every_below_one_or_without_the_pipeline_selection_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT_CONFIG, [], overrides)
+    assert load_config(DEFAULT_CONFIG, [], ["segmenter.validate_every=10"]).segmenter.validate_every == 10

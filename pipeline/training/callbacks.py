@@ -98,7 +98,8 @@ class EpochLogger(keras.callbacks.Callback):
         self._start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted((logs or {}).items()))
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in sorted((logs or {}).items())
+                         if not _is_nan(v))  # NaN: an epoch without validation (segmenter.validate_every)
         log.info(
             "%s epoch %d/%d: %s (%.1f s)",
             self.label,
@@ -107,6 +108,13 @@ class EpochLogger(keras.callbacks.Callback):
             shown,
             time.monotonic() - self._start,
         )
+
+
+def _is_nan(value) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _fmt(value) -> str:
@@ -186,9 +194,8 @@ def phase_callbacks(
         callbacks = _selection_callbacks(monitor, patience, checkpoint_path, save_weights_only, initial_best)
     if lr_schedule == "plateau" and monitor is not None:
         callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=monitor, mode="max", factor=plateau_factor, patience=plateau_patience, min_lr=min_lr
-            )
+            _Plateau(monitor=monitor, mode="max", factor=plateau_factor, patience=plateau_patience,
+                     min_lr=min_lr)
         )
     callbacks += [
         # After the LR callback, so the backed-up optimizer state holds the reduced rate.
@@ -211,7 +218,7 @@ def _selection_callbacks(monitor: str, patience: int, checkpoint_path: Path, sav
                          initial_best: float | None) -> list[keras.callbacks.Callback]:
     """ModelCheckpoint of the best epoch on `monitor` (mode max) and EarlyStopping on it."""
     return [
-        keras.callbacks.ModelCheckpoint(
+        _Checkpoint(
             str(checkpoint_path),
             monitor=monitor,
             mode="max",
@@ -219,10 +226,37 @@ def _selection_callbacks(monitor: str, patience: int, checkpoint_path: Path, sav
             save_weights_only=save_weights_only,
             initial_value_threshold=initial_best,
         ),
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=patience, restore_best_weights=True
-        ),
+        _EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True),
     ]
+
+
+def _unvalidated(logs, monitor: str) -> bool:
+    """True when `monitor` is NaN in `logs`: an epoch the selection did not score
+    (`segmenter.validate_every`)."""
+    return _is_nan((logs or {}).get(monitor))
+
+
+# Keras' monitor callbacks start from best=None and would take a NaN as their best, after which
+# nothing improves on it; these pass over the epochs without validation instead, so patience
+# counts validations (as with Keras' own validation_freq, where the key is absent).
+class _Checkpoint(keras.callbacks.ModelCheckpoint):
+    def on_epoch_end(self, epoch, logs=None):
+        if not _unvalidated(logs, self.monitor):
+            super().on_epoch_end(epoch, logs)
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    def on_epoch_end(self, epoch, logs=None):
+        if not _unvalidated(logs, self.monitor):
+            super().on_epoch_end(epoch, logs)
+
+
+class _Plateau(keras.callbacks.ReduceLROnPlateau):
+    def on_epoch_end(self, epoch, logs=None):
+        if not _unvalidated(logs, self.monitor):
+            super().on_epoch_end(epoch, logs)
+        elif logs is not None:  # the history keeps its learning-rate column
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 def tensorboard_available() -> bool:

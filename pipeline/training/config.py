@@ -132,6 +132,10 @@ class SegmenterConfig:
     crop_mix: CropMixConfig = field(default_factory=CropMixConfig)
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     monitor: str = "val_patient_dice"  # selection metric, see pipeline.training.selection
+    # validate every N-th epoch and the last (selection on every slice costs about as much as 80
+    # training steps of the ResNet50 U-Net); the epochs between log NaN, and the patiences of early
+    # stopping and of the plateau count validations, not epochs
+    validate_every: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     steps_per_epoch: int | None = None
     crop_size: int | None = 128  # train on random crops (validation and inference stay full size)
@@ -334,6 +338,7 @@ def _validate(config: Config, source: str) -> Config:
             raise ConfigError(f"{key}: must be >= 0, got {value}", [source])
     _check_augment_params(config.segmenter.augment.params, source)
     _check_folds(config, source)
+    _check_validate_every(config, source)
     s = config.segmenter
     bad = (s.encoder_stages not in (3, 4, 5) or len(s.decoder_filters) != s.encoder_stages
            or not 0 <= s.encoder_trainable < s.encoder_stages)
@@ -379,6 +384,16 @@ def _check_folds(config: Config, source: str) -> None:
             OperatingPoint(**fixed)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"calibration.fixed: {exc}", [source]) from exc
+
+
+def _check_validate_every(config: Config, source: str) -> None:
+    """segmenter.validate_every: >= 1, and above 1 only where the pipeline selection validates."""
+    s = config.segmenter
+    if s.validate_every < 1:
+        raise ConfigError(f"segmenter.validate_every: must be >= 1, got {s.validate_every}", [source])
+    if s.validate_every > 1 and s.monitor == "val_dice" and s.train_on != "mix":
+        raise ConfigError("segmenter.validate_every > 1 needs the pipeline selection (train_on: mix, or a "
+                          f"monitor other than val_dice); got train_on={s.train_on!r}", [source])
 
 
 def _check_augment_params(params: Mapping[str, Any], source: str) -> None:

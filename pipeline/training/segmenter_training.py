@@ -167,7 +167,8 @@ def _inputs(cfg: Config, data: TrainingData, train_pos, val_pos, stage_dir: Path
     # every validation slice, scored like the pipeline (also for monitor val_dice with mix)
     pos = data.val_pos
     images, masks = np.asarray(data.arrays.images[pos]), np.asarray(data.arrays.masks[pos])
-    selection = PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size)
+    selection = PipelineSelection(images, masks, data.patient_ids[pos], batch_size=s.batch_size,
+                                  every=s.validate_every, epochs=s.epochs)
     return train, None, None, [selection]
 
 

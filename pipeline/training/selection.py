@@ -13,6 +13,8 @@ ReduceLROnPlateau read them:
   Dice on tumour slices (the old criterion, logged for comparison only).
 
 `segmenter.monitor` chooses which of these drives selection (`SELECTION_METRICS`).
+With `segmenter.validate_every` N > 1 only every N-th epoch and the last are scored; the others
+log NaN, which no checkpoint takes and the history's readers skip.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline import metrics
 __all__ = ["SELECTION_METRICS", "PipelineSelection"]
 
 SELECTION_METRICS = ("val_patient_dice", "val_dice", "val_tumor_slice_dice")
+_LOGGED = ("val_patient_dice", "val_fp_px_empty", "val_dice", "val_tumor_slice_dice")
 
 
 class PipelineSelection(keras.callbacks.Callback):
@@ -35,8 +38,13 @@ class PipelineSelection(keras.callbacks.Callback):
     """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, patient_ids: np.ndarray,
-                 batch_size: int = 16, seg_threshold: float = 0.5) -> None:
+                 batch_size: int = 16, seg_threshold: float = 0.5, *, every: int = 1,
+                 epochs: int | None = None) -> None:
         super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = int(every)
+        self.epochs = epochs
         self.images = images
         self.masks = np.asarray(masks)
         self.patient_ids = np.asarray(patient_ids)
@@ -67,6 +75,15 @@ class PipelineSelection(keras.callbacks.Callback):
             "val_tumor_slice_dice": float(slices["dice"][tumour].mean()) if tumour.any() else 1.0,
         }
 
+    def validates(self, epoch: int) -> bool:
+        """True when the 0-based `epoch` is scored: every `every`-th and the last of `epochs`."""
+        done = epoch + 1
+        return done % self.every == 0 or (self.epochs is not None and done >= self.epochs)
+
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
+        if logs is None:
+            return
+        if self.validates(epoch):
             logs.update(self.scores(self.predict_masks()))
+        else:  # the same columns every epoch, for the CSV history
+            logs.update(dict.fromkeys(_LOGGED, float("nan")))
