@@ -239,23 +239,26 @@ def _unvalidated(logs, monitor: str) -> bool:
 # Keras' monitor callbacks start from best=None and would take a NaN as their best, after which
 # nothing improves on it; these pass over the epochs without validation instead, so patience
 # counts validations (as with Keras' own validation_freq, where the key is absent).
-class _Checkpoint(keras.callbacks.ModelCheckpoint):
+class _ValidatedEpochsOnly:
+    """Mixin for a Keras monitor callback: `on_epoch_end` runs only on validated epochs."""
+
     def on_epoch_end(self, epoch, logs=None):
         if not _unvalidated(logs, self.monitor):
             super().on_epoch_end(epoch, logs)
 
 
-class _EarlyStopping(keras.callbacks.EarlyStopping):
-    def on_epoch_end(self, epoch, logs=None):
-        if not _unvalidated(logs, self.monitor):
-            super().on_epoch_end(epoch, logs)
+class _Checkpoint(_ValidatedEpochsOnly, keras.callbacks.ModelCheckpoint):
+    pass
 
 
-class _Plateau(keras.callbacks.ReduceLROnPlateau):
+class _EarlyStopping(_ValidatedEpochsOnly, keras.callbacks.EarlyStopping):
+    pass
+
+
+class _Plateau(_ValidatedEpochsOnly, keras.callbacks.ReduceLROnPlateau):
     def on_epoch_end(self, epoch, logs=None):
-        if not _unvalidated(logs, self.monitor):
-            super().on_epoch_end(epoch, logs)
-        elif logs is not None:  # the history keeps its learning-rate column
+        super().on_epoch_end(epoch, logs)
+        if logs is not None and _unvalidated(logs, self.monitor):  # the history keeps its rate column
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
